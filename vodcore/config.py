@@ -1,0 +1,130 @@
+"""Settings for every tier: defaults, then a TOML file, then environment variables, then flags.
+
+The TOML file has one table per tier plus top-level keys, e.g.
+
+    data_dir = "./var"
+    [ports]
+    control = 8000
+    edge = 8080
+    [edge]
+    cache_bytes = 268435456
+
+Environment: VOD_DATA, VOD_CONTROL_PORT, VOD_EDGE_PORT, VOD_SHIELD_PORT, VOD_ORIGIN_PORT,
+VOD_DATABASE_URL, VOD_FFMPEG, VOD_PUBLIC_EDGE_URL.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORTS = {"control": 8000, "edge": 8080, "shield": 8081, "origin": 8082}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("./var")
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    database_url: str | None = None  # default: SQLite under data_dir
+    ffmpeg: str | None = None  # default: system ffmpeg if VOD_FFMPEG unset -> imageio-ffmpeg
+    public_edge_url: str | None = None  # what playback URLs point at; default http://host:edge
+    cache_bytes: dict[str, int] = field(
+        default_factory=lambda: {"edge": 256 * 1024 * 1024, "shield": 512 * 1024 * 1024}
+    )
+    max_object_bytes: int = 64 * 1024 * 1024  # larger objects stream through uncached
+    token_ttl_seconds: int = 6 * 3600
+    segment_seconds: float = 2.0
+    transcoder_slots: int = 1
+    max_upload_bytes: int = 20 * 1024**3
+    upload_part_bytes: int = 8 * 1024 * 1024
+    upload_ttl_seconds: int = 24 * 3600
+    upstream_timeout_seconds: float = 30.0
+
+    # Derived locations -------------------------------------------------------------------
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'vod.db').resolve()}"
+
+    def port(self, tier: str) -> int:
+        return self.ports[tier]
+
+    def url(self, tier: str) -> str:
+        return f"http://{self.host}:{self.ports[tier]}"
+
+    @property
+    def edge_url(self) -> str:
+        return (self.public_edge_url or self.url("edge")).rstrip("/")
+
+
+def load(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    s = Settings()
+    if config_file:
+        with open(config_file, "rb") as f:
+            s = _apply_toml(s, tomllib.load(f))
+    s = _apply_env(s, os.environ)
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    if "data_dir" in clean:
+        clean["data_dir"] = Path(clean["data_dir"])
+    return replace(s, **clean)
+
+
+def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
+    changes: dict[str, Any] = {}
+    for key in (
+        "host", "database_url", "ffmpeg", "public_edge_url", "max_object_bytes",
+        "token_ttl_seconds", "segment_seconds", "transcoder_slots", "max_upload_bytes",
+        "upload_part_bytes", "upload_ttl_seconds", "upstream_timeout_seconds",
+    ):  # fmt: skip
+        if key in doc:
+            changes[key] = doc[key]
+    if "data_dir" in doc:
+        changes["data_dir"] = Path(doc["data_dir"])
+    if "ports" in doc:
+        changes["ports"] = {**s.ports, **{k: int(v) for k, v in doc["ports"].items()}}
+    cache = dict(s.cache_bytes)
+    for tier in ("edge", "shield"):
+        if isinstance(doc.get(tier), dict) and "cache_bytes" in doc[tier]:
+            cache[tier] = int(doc[tier]["cache_bytes"])
+    changes["cache_bytes"] = cache
+    return replace(s, **changes)
+
+
+def _apply_env(s: Settings, env: os._Environ[str] | dict[str, str]) -> Settings:
+    changes: dict[str, Any] = {}
+    ports = dict(s.ports)
+    for tier in DEFAULT_PORTS:
+        v = env.get(f"VOD_{tier.upper()}_PORT")
+        if v:
+            ports[tier] = int(v)
+    changes["ports"] = ports
+    if env.get("VOD_DATA"):
+        changes["data_dir"] = Path(env["VOD_DATA"])
+    if env.get("VOD_DATABASE_URL"):
+        changes["database_url"] = env["VOD_DATABASE_URL"]
+    if env.get("VOD_FFMPEG"):
+        changes["ffmpeg"] = env["VOD_FFMPEG"]
+    if env.get("VOD_PUBLIC_EDGE_URL"):
+        changes["public_edge_url"] = env["VOD_PUBLIC_EDGE_URL"]
+    return replace(s, **changes)

@@ -1,0 +1,93 @@
+"""Tables. Times are float seconds since the epoch (portable across SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+videos = Table(
+    "videos",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("owner_key_id", String(40), nullable=True),
+    Column("title", Text, nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("visibility", String(16), nullable=False, default="public"),
+    Column("content_type", String(100), nullable=True),
+    Column("size_bytes", BigInteger, nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("failure_reason", Text, nullable=True),
+    Column("current_version", Integer, nullable=True),
+    Column("duration_seconds", Float, nullable=True),
+    Column("width", Integer, nullable=True),
+    Column("height", Integer, nullable=True),
+    Column("renditions", JSON, nullable=True),
+    Column("progress", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("ready_at", Float, nullable=True),
+)
+
+upload_sessions = Table(
+    "upload_sessions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("video_id", String(40), nullable=False, index=True),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("offset", BigInteger, nullable=False, default=0),
+    Column("status", String(16), nullable=False),  # open | complete
+    Column("metadata", JSON, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("video_id", String(40), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),
+    Column("state", String(16), nullable=False),  # queued | running | done | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False, default=3),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("run_after", Float, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("progress", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("video_id", "kind", name="uq_jobs_video_kind"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),  # creator | operator
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(40), nullable=False),
+    Column("video_id", String(40), nullable=True, index=True),
+    Column("payload", JSON, nullable=True),
+    Column("created_at", Float, nullable=False),
+)

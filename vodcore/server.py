@@ -1,0 +1,70 @@
+"""Thin shell shared by every tier's HTTP server: error and metrics middleware, /healthz,
+/metrics, uvloop, logging, and a graceful stop on SIGINT/SIGTERM (aiohttp's run_app drains
+in-flight requests for `shutdown_timeout` seconds before closing)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+
+import uvloop
+from aiohttp import web
+
+from vodcore.errors import error_middleware
+from vodcore.metrics import metrics_handler, metrics_middleware
+
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{X-Cache}o"'
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def base_app(
+    tier: str,
+    ready: Callable[[], bool] | None = None,
+    *,
+    client_max_size: int = 1024**2,
+) -> web.Application:
+    app = web.Application(
+        middlewares=[metrics_middleware(tier), error_middleware],
+        client_max_size=client_max_size,
+    )
+
+    async def healthz(_request: web.Request) -> web.Response:
+        ok = ready() if ready else True
+        return web.json_response(
+            {"status": "ok" if ok else "starting", "tier": tier}, status=200 if ok else 503
+        )
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+def run(
+    app: web.Application | Awaitable[web.Application],
+    host: str,
+    port: int,
+    *,
+    tier: str,
+    reuse_port: bool = True,
+) -> None:
+    configure_logging()
+    logging.getLogger("vod").info("%s listening on http://%s:%d", tier, host, port)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        reuse_port=reuse_port,
+        shutdown_timeout=10.0,
+        access_log_format=ACCESS_LOG_FORMAT,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
