@@ -93,10 +93,19 @@ def load(config_file: str | os.PathLike[str] | None = None, **overrides: Any) ->
 def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
     changes: dict[str, Any] = {}
     for key in (
-        "host", "database_url", "ffmpeg", "public_edge_url", "max_object_bytes",
-        "token_ttl_seconds", "segment_seconds", "transcoder_slots", "max_upload_bytes",
-        "upload_part_bytes", "upload_ttl_seconds", "upstream_timeout_seconds",
-    ):  # fmt: skip
+        "host",
+        "database_url",
+        "ffmpeg",
+        "public_edge_url",
+        "max_object_bytes",
+        "token_ttl_seconds",
+        "segment_seconds",
+        "transcoder_slots",
+        "max_upload_bytes",
+        "upload_part_bytes",
+        "upload_ttl_seconds",
+        "upstream_timeout_seconds",
+    ):
         if key in doc:
             changes[key] = doc[key]
     if "data_dir" in doc:

@@ -10,9 +10,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 REQUESTS = Counter("vod_http_requests_total", "HTTP requests served", ["tier", "method", "status"])
 LATENCY = Histogram(
-    "vod_http_request_seconds", "Time to response headers", ["tier"],
+    "vod_http_request_seconds",
+    "Time to response headers",
+    ["tier"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)  # fmt: skip
+)
 CACHE_RESULTS = Counter(
     "vod_cache_requests_total", "Cache lookups by result", ["tier", "result"]
 )  # result: hit | miss | collapsed | bypass

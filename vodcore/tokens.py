@@ -126,9 +126,13 @@ def verify(token: str, keys: dict[str, Ed25519PublicKey], video_id: str, now: in
             token,
             keys[kid],
             algorithms=[ALG],
-            options={"verify_exp": False, "verify_iat": False, "verify_nbf": False,
-                     "require": ["vid", "iat", "exp"]},
-        )  # fmt: skip
+            options={
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+                "require": ["vid", "iat", "exp"],
+            },
+        )
     except jwt.PyJWTError as e:
         raise TokenError(f"bad token: {e}") from None
     vid, iat, exp = claims.get("vid"), claims.get("iat"), claims.get("exp")

@@ -55,7 +55,7 @@ async def enqueue(
             run_after=now,
             created_at=now,
             updated_at=now,
-        )  # fmt: skip
+        )
     )
     pk = res.inserted_primary_key
     assert pk is not None
@@ -90,11 +90,12 @@ async def claim(
                     lease_expires_at=now + lease_seconds,
                     attempts=row.attempts + 1,
                     updated_at=now,
-                )  # fmt: skip
+                )
             )
             if res.rowcount == 1:
-                return Job(row.id, row.video_id, row.kind, row.attempts + 1,
-                           row.max_attempts, worker)  # fmt: skip
+                return Job(
+                    row.id, row.video_id, row.kind, row.attempts + 1, row.max_attempts, worker
+                )
     return None
 
 
@@ -111,7 +112,7 @@ async def heartbeat(
                     jobs.c.lease_owner == job.lease_owner,
                     jobs.c.state == "running",
                 )
-            )  # fmt: skip
+            )
             .values(lease_expires_at=now + lease_seconds, progress=progress, updated_at=now)
         )
         return res.rowcount == 1
@@ -139,6 +140,6 @@ async def fail(conn: AsyncConnection, job: Job, now: float, error: str, *, perma
             last_error=error[:2000],
             run_after=now + (0 if final else backoff_seconds(job.attempts)),
             updated_at=now,
-        )  # fmt: skip
+        )
     )
     return final
