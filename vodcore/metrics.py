@@ -6,6 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 REQUESTS = Counter("vod_http_requests_total", "HTTP requests served", ["tier", "method", "status"])
@@ -30,9 +31,7 @@ JOBS = Counter("vod_transcoder_jobs_total", "Transcoder jobs finished", ["result
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def metrics_middleware(
-    tier: str,
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def metrics_middleware(tier: str) -> Middleware:
     @web.middleware
     async def mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         t0 = time.perf_counter()
