@@ -1,0 +1,77 @@
+"""The control API (/v1): uploads, videos, playback authorization, public signing keys.
+
+A thin aiohttp shell: request parsing in `validation` / `tus_protocol`, state in the metadata
+store, lifecycle rules in `vodcore.lifecycle`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from control.auth import authenticate
+from control.ids import is_id
+from control.tus import TusEndpoint, upload_url
+from control.uploads import Uploads
+from control.validation import decode_json, upload_request
+from control.videos import Videos
+from vodcore.config import Settings
+from vodcore.db.engine import create_schema, make_engine
+from vodcore.errors import NOT_FOUND, ApiError
+from vodcore.server import base_app
+from vodcore.store.fs import FilesystemStore
+from vodcore.tokens import SigningKeys
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def make_app(settings: Settings) -> web.Application:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.db_url)
+    store = FilesystemStore(settings.store_dir)
+    keys = SigningKeys(settings.keys_dir).load_or_create()
+    uploads = Uploads(settings, engine, store)
+    ready = {"db": False}
+    app = base_app("control", ready=lambda: ready["db"])
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await create_schema(engine)
+        ready["db"] = True
+        yield
+        await engine.dispose()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    async def create_upload(request: web.Request) -> web.Response:
+        principal = await authenticate(engine, request)
+        req = upload_request(decode_json(await request.read()), settings.max_upload_bytes)
+        created = await uploads.create(req, principal.key_id, time.time(), {})
+        return web.json_response(
+            {
+                "videoId": created.video_id,
+                "uploadSessionId": created.session_id,
+                "uploadUrl": upload_url(request, created.session_id),
+                "partSizeBytes": settings.upload_part_bytes,
+                "expiresAt": _iso(created.expires_at),
+            },
+            status=201,
+        )
+
+    async def complete_upload(request: web.Request) -> web.Response:
+        await authenticate(engine, request)
+        sid = request.match_info["sid"]
+        if not is_id(sid, "us"):
+            raise ApiError(NOT_FOUND, "no such upload session")
+        async with uploads.lock(sid):
+            vid, state = await uploads.complete(sid, time.time())
+        return web.json_response({"videoId": vid, "state": state}, status=202)
+
+    app.router.add_post("/v1/uploads", create_upload)
+    app.router.add_post("/v1/uploads/{sid}/complete", complete_upload)
+    TusEndpoint(uploads).routes(app)
+    Videos(settings, engine, keys).routes(app)
+    return app

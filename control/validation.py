@@ -1,0 +1,72 @@
+"""Pure validation of API request bodies. Each function takes decoded JSON and returns a typed
+value or raises `ApiError(VALIDATION)` naming the field, so bad input is a clear 422."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from vodcore.errors import BAD_JSON, TOO_LARGE, VALIDATION, ApiError
+
+VISIBILITIES = ("public", "unlisted", "private")
+MAX_TITLE = 300
+MAX_DESCRIPTION = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRequest:
+    title: str
+    description: str
+    visibility: str
+    content_type: str | None
+    size_bytes: int
+
+
+def decode_json(body: bytes) -> Any:
+    if not body:
+        raise ApiError(BAD_JSON, "a JSON body is required")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(BAD_JSON, f"the body is not valid JSON: {e}") from None
+
+
+def _field_error(field: str, why: str) -> ApiError:
+    return ApiError(VALIDATION, f"{field}: {why}", extra={"field": field})
+
+
+def _text(doc: dict[str, Any], field: str, limit: int, *, required: bool) -> str:
+    value = doc.get(field)
+    if value is None:
+        if required:
+            raise _field_error(field, "is required")
+        return ""
+    if not isinstance(value, str):
+        raise _field_error(field, "must be a string")
+    value = value.strip()
+    if required and not value:
+        raise _field_error(field, "must not be empty")
+    if len(value) > limit or "\x00" in value:
+        raise _field_error(field, f"must be at most {limit} characters, without NUL")
+    return value
+
+
+def upload_request(doc: Any, max_bytes: int) -> UploadRequest:
+    if not isinstance(doc, dict):
+        raise ApiError(VALIDATION, "the body must be a JSON object")
+    title = _text(doc, "title", MAX_TITLE, required=True)
+    description = _text(doc, "description", MAX_DESCRIPTION, required=False)
+    visibility = doc.get("visibility", "public")
+    if visibility not in VISIBILITIES:
+        raise _field_error("visibility", f"must be one of {', '.join(VISIBILITIES)}")
+    ctype = doc.get("contentType")
+    if ctype is not None and (not isinstance(ctype, str) or len(ctype) > 100):
+        raise _field_error("contentType", "must be a short string")
+    size = doc.get("sizeBytes")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise _field_error("sizeBytes", "must be a positive integer")
+    if size > max_bytes:
+        raise ApiError(TOO_LARGE, f"sizeBytes exceeds the maximum of {max_bytes} bytes")
+    return UploadRequest(title, description, visibility, ctype, size)

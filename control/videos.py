@@ -1,0 +1,113 @@
+"""Video resources and playback authorization.
+
+`GET /v1/videos/{id}` shows the video; `GET /v1/videos/{id}/playback` hands out signed URLs
+only when the video is READY (DESIGN.md): 409 with the state before that, 404 unknown, 451
+blocked, 410 deleted. URLs carry the token in the path so relative manifest URLs keep it:
+`{edge}/v/{videoId}/{token}/{version}/master.m3u8`.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from control.ids import is_id
+from vodcore.config import Settings
+from vodcore.db.videos import get_video
+from vodcore.errors import BLOCKED, GONE, NOT_FOUND, NOT_READY, ApiError
+from vodcore.lifecycle import State
+from vodcore.tokens import SigningKeys
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def video_json(v: RowMapping) -> dict[str, Any]:
+    return {
+        "videoId": v["id"],
+        "title": v["title"],
+        "description": v["description"],
+        "visibility": v["visibility"],
+        "state": v["state"],
+        "failureReason": v["failure_reason"],
+        "version": v["current_version"],
+        "durationSeconds": v["duration_seconds"],
+        "width": v["width"],
+        "height": v["height"],
+        "renditions": v["renditions"] or [],
+        "progress": v["progress"],
+        "sizeBytes": v["size_bytes"],
+        "createdAt": iso(v["created_at"]),
+        "readyAt": iso(v["ready_at"]),
+        "viewCount": 0,
+        "likeCount": 0,
+    }
+
+
+def playback_urls(edge: str, video_id: str, token: str, version: int) -> dict[str, str]:
+    base = f"{edge}/v/{video_id}/{token}/{version}"
+    return {
+        "manifestUrl": f"{base}/master.m3u8",
+        "dashUrl": f"{base}/manifest.mpd",
+        "thumbnailUrl": f"{base}/poster.jpg",
+    }
+
+
+class Videos:
+    def __init__(self, settings: Settings, engine: AsyncEngine, keys: SigningKeys) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.keys = keys
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/videos/{id}", self.get)
+        app.router.add_get("/v1/videos/{id}/playback", self.playback)
+        app.router.add_get("/v1/keys/jwks.json", self.jwks)
+
+    async def _load(self, video_id: str) -> RowMapping:
+        if not is_id(video_id, "vid"):
+            raise ApiError(NOT_FOUND, "no such video")
+        async with self.engine.connect() as conn:
+            v = await get_video(conn, video_id)
+        if v is None:
+            raise ApiError(NOT_FOUND, "no such video")
+        return v
+
+    async def get(self, request: web.Request) -> web.Response:
+        v = await self._load(request.match_info["id"])
+        return web.json_response(video_json(v), headers={"Cache-Control": "no-store"})
+
+    async def playback(self, request: web.Request) -> web.Response:
+        v = await self._load(request.match_info["id"])
+        state = State(v["state"])
+        if state is State.BLOCKED:
+            raise ApiError(BLOCKED, extra={"state": state.value})
+        if state is State.DELETED:
+            raise ApiError(GONE, "the video was deleted", extra={"state": state.value})
+        if state is not State.READY or v["current_version"] is None:
+            raise ApiError(
+                NOT_READY, f"the video is {state.value}, not READY", extra={"state": state.value}
+            )
+        now = int(time.time())
+        ttl = self.settings.token_ttl_seconds
+        token = self.keys.mint(v["id"], now, ttl)
+        body = {
+            "videoId": v["id"],
+            "state": state.value,
+            **playback_urls(self.settings.edge_url, v["id"], token, int(v["current_version"])),
+            "durationSeconds": v["duration_seconds"],
+            "expiresAt": iso(now + ttl),
+        }
+        return web.json_response(body, headers={"Cache-Control": "private, no-store"})
+
+    async def jwks(self, _request: web.Request) -> web.Response:
+        # Public keys only; edges cache them. Short max-age so rotation propagates quickly.
+        return web.json_response(self.keys.jwks(), headers={"Cache-Control": "max-age=60"})
