@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 from sqlalchemy import select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -28,7 +29,7 @@ from vodcore.config import Settings
 from vodcore.db import jobs as jobq
 from vodcore.db.schema import upload_sessions, videos
 from vodcore.db.videos import append_event, transition
-from vodcore.errors import GONE, NOT_FOUND, TOO_LARGE, UPLOAD_STATE, ApiError
+from vodcore.errors import BAD_REQUEST, GONE, NOT_FOUND, TOO_LARGE, UPLOAD_STATE, ApiError
 from vodcore.lifecycle import Event, State
 from vodcore.store import ObjectStore
 
@@ -126,11 +127,16 @@ class Uploads:
         try:
             await asyncio.to_thread(f.truncate, offset)
             await asyncio.to_thread(f.seek, offset)
-            async for chunk in body:
-                if written + len(chunk) > length:
-                    raise ApiError(TOO_LARGE, "the body goes past Upload-Length")
-                await asyncio.to_thread(f.write, chunk)
-                written += len(chunk)
+            try:
+                async for chunk in body:
+                    if written + len(chunk) > length:
+                        raise ApiError(TOO_LARGE, "the body goes past Upload-Length")
+                    await asyncio.to_thread(f.write, chunk)
+                    written += len(chunk)
+            except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError):
+                # The client went away mid-body: what arrived is kept (below) and the client
+                # resumes from the offset a HEAD reports.
+                raise ApiError(BAD_REQUEST, "the upload body was interrupted") from None
         finally:
             # Keep whatever arrived, even if the client dropped mid-body.
             with contextlib.suppress(OSError):

@@ -1,0 +1,42 @@
+"""Shared fixtures: ffmpeg, synthetic clips made with lavfi sources, free ports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vodcore.ffmpeg import ffmpeg_exe
+
+
+@pytest.fixture(scope="session")
+def ffmpeg() -> str:
+    return ffmpeg_exe()
+
+
+def make_clip(ffmpeg: str, out: Path, seconds: float = 4, size: str = "640x360") -> Path:
+    subprocess.run(
+        [ffmpeg, "-hide_banner", "-v", "error", "-y",
+         "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=30:duration={seconds}",
+         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+         "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac", "-shortest", str(out)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def clip(ffmpeg: str, tmp_path: Path) -> Callable[..., Path]:
+    def _make(seconds: float = 4, size: str = "640x360", name: str = "clip.mp4") -> Path:
+        return make_clip(ffmpeg, tmp_path / name, seconds, size)
+
+    return _make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,225 @@
+"""Control over real sockets: a stock tus client (tuspy) uploads through a proxy that cuts
+the connection mid-PATCH, resumes, and completes; plus the bad-input table of the API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from tusclient import client as tus_client
+
+from control.auth import create_key
+from tests.conftest import free_port
+from tests.faultproxy import CuttingProxy
+from tests.procs import VodProcess, wait_http
+from vodcore.db.engine import create_schema, make_engine
+from vodcore.db.schema import jobs, videos
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def _make_key(data: Path, role: str) -> str:
+    async def go() -> str:
+        engine = make_engine(f"sqlite+aiosqlite:///{data / 'vod.db'}")
+        await create_schema(engine)
+        async with engine.begin() as conn:
+            key = await create_key(conn, role, 0.0)
+        await engine.dispose()
+        return key
+
+    return asyncio.run(go())
+
+
+def _db_rows(data: Path, table: str) -> list[dict[str, object]]:
+    async def go() -> list[dict[str, object]]:
+        engine = make_engine(f"sqlite+aiosqlite:///{data / 'vod.db'}")
+        t = {"videos": videos, "jobs": jobs}[table]
+        async with engine.connect() as conn:
+            rows = [dict(r._mapping) for r in (await conn.execute(t.select())).all()]
+        await engine.dispose()
+        return rows
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
+    data = tmp_path / "var"
+    data.mkdir()
+    key = _make_key(data, "creator")
+    port = free_port()
+    p = VodProcess(["control", "--data", str(data), "--port", str(port)], tmp_path / "control.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=p.proc)
+        yield f"http://127.0.0.1:{port}", data, key
+    finally:
+        assert p.stop() == 0, p.output()
+        assert "Traceback" not in p.output(), p.output()
+
+
+def test_tuspy_upload_survives_a_cut_connection(
+    control: tuple[str, Path, str], tmp_path: Path
+) -> None:
+    api, data, key = control
+    auth = {"Authorization": f"Bearer {key}"}
+    payload = bytes(range(256)) * 4096 * 3  # 3 MiB
+    src = tmp_path / "payload.bin"
+    src.write_bytes(payload)
+    r = requests.post(
+        f"{api}/v1/uploads",
+        headers=auth,
+        timeout=10,
+        json={"title": "cut", "sizeBytes": len(payload), "contentType": "video/mp4"},
+    )
+    assert r.status_code == 201, r.text
+    up = r.json()
+    assert set(up) >= {"videoId", "uploadSessionId", "uploadUrl", "partSizeBytes", "expiresAt"}
+
+    proxy = CuttingProxy(int(api.rsplit(":", 1)[1]), cut_after_bytes=1_200_000)
+    try:
+        url = up["uploadUrl"].replace(api, proxy.url)
+        client = tus_client.TusClient(f"{proxy.url}/v1/tus/", headers=auth)
+        uploader = client.uploader(str(src), url=url, chunk_size=len(payload), retries=0)
+        with pytest.raises(Exception):  # noqa: B017 - any client error: the socket was cut
+            uploader.upload_chunk()
+        assert proxy.cuts == 1
+    finally:
+        proxy.close()
+
+    # The server kept what arrived before the cut (tus: keep received bytes).
+    # The server notices the cut asynchronously; poll HEAD briefly as a real client would.
+    for _ in range(50):
+        head = requests.head(up["uploadUrl"], headers={**auth, **TUS}, timeout=10)
+        assert head.status_code == 200
+        kept = int(head.headers["Upload-Offset"])
+        if kept:
+            break
+        time.sleep(0.1)
+    assert 0 < kept < len(payload)
+
+    # A fresh client (as after a restart) resumes from the server's offset.
+    client = tus_client.TusClient(f"{api}/v1/tus/", headers=auth)
+    uploader = client.uploader(str(src), url=up["uploadUrl"], chunk_size=1024 * 1024)
+    assert uploader.offset == kept
+    uploader.upload()
+    head = requests.head(up["uploadUrl"], headers={**auth, **TUS}, timeout=10)
+    assert int(head.headers["Upload-Offset"]) == len(payload)
+
+    # Finishing the last byte completed the upload; complete is idempotent.
+    for _ in range(2):
+        c = requests.post(
+            f"{api}/v1/uploads/{up['uploadSessionId']}/complete", headers=auth, timeout=10
+        )
+        assert c.status_code == 202, c.text
+        assert c.json() == {"videoId": up["videoId"], "state": "UPLOADED"}
+    stored = data / "store" / "source" / up["videoId"] / "original"
+    assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(payload).digest()
+    assert len(_db_rows(data, "videos")) == 1
+    job_rows = _db_rows(data, "jobs")
+    assert [(j["video_id"], j["kind"], j["state"]) for j in job_rows] == [
+        (up["videoId"], "transcode", "queued")
+    ]
+    v = requests.get(f"{api}/v1/videos/{up['videoId']}", timeout=10).json()
+    assert v["state"] == "UPLOADED" and v["title"] == "cut"
+
+
+def test_tus_creation_by_post_for_stock_clients(
+    control: tuple[str, Path, str], tmp_path: Path
+) -> None:
+    api, _data, key = control
+    src = tmp_path / "small.bin"
+    src.write_bytes(b"x" * 100_000)
+    client = tus_client.TusClient(f"{api}/v1/tus/", headers={"Authorization": f"Bearer {key}"})
+    uploader = client.uploader(str(src), chunk_size=30_000, metadata={"title": "via tus"})
+    uploader.upload()
+    assert uploader.url and "/v1/tus/us_" in uploader.url
+    opts = requests.options(f"{api}/v1/tus/", timeout=10)
+    assert opts.status_code == 204
+    assert opts.headers["Tus-Version"] == "1.0.0"
+    assert "creation" in opts.headers["Tus-Extension"]
+
+
+BAD = [
+    # (method, path, headers, body, status, code)
+    ("POST", "/v1/uploads", {}, b'{"title":"t","sizeBytes":1}', 401, "unauthenticated"),
+    ("POST", "/v1/uploads", "AUTH", b"not json", 400, "bad_json"),
+    ("POST", "/v1/uploads", "AUTH", b"[]", 422, "validation_failed"),
+    ("POST", "/v1/uploads", "AUTH", b'{"title":"","sizeBytes":1}', 422, "validation_failed"),
+    ("POST", "/v1/uploads", "AUTH", b'{"title":"t","sizeBytes":-1}', 422, "validation_failed"),
+    ("POST", "/v1/uploads", "AUTH", b'{"title":"t","sizeBytes":true}', 422, "validation_failed"),
+    ("POST", "/v1/uploads", "AUTH", b'{"title":"t","sizeBytes":1,"visibility":"x"}', 422,
+     "validation_failed"),
+    ("POST", "/v1/uploads", "AUTH", b'{"title":"t","sizeBytes":99999999999999}', 413, "too_large"),
+    ("GET", "/v1/videos/vid_aaaaaaaaaaaaaaaa", {}, b"", 404, "not_found"),
+    ("GET", "/v1/videos/..%2f..%2fetc", {}, b"", 404, "not_found"),
+    ("GET", "/v1/videos/vid_aaaaaaaaaaaaaaaa/playback", {}, b"", 404, "not_found"),
+    ("POST", "/v1/uploads/us_aaaaaaaaaaaaaaaa/complete", "AUTH", b"", 404, "not_found"),
+    ("HEAD", "/v1/tus/us_aaaaaaaaaaaaaaaa", "TUSAUTH", b"", 404, None),
+    ("PATCH", "/v1/tus/us_aaaaaaaaaaaaaaaa", "TUSAUTH", b"abc", 404, "not_found"),
+    ("POST", "/v1/tus/", "AUTH", b"", 412, "precondition_failed"),
+    ("POST", "/v1/tus/", "TUSAUTH", b"", 400, "bad_request"),
+    ("GET", "/nope", {}, b"", 404, "not_found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "body", "status", "code"), BAD)
+def test_bad_input_gets_a_json_4xx(
+    control: tuple[str, Path, str],
+    method: str,
+    path: str,
+    headers: object,
+    body: bytes,
+    status: int,
+    code: str | None,
+) -> None:
+    api, _data, key = control
+    h: dict[str, str] = {}
+    if headers in ("AUTH", "TUSAUTH"):
+        h["Authorization"] = f"Bearer {key}"
+    if headers == "TUSAUTH":
+        h.update(TUS)
+        h["Content-Type"] = "application/offset+octet-stream"
+        h["Upload-Offset"] = "0"
+    r = requests.request(method, api + path, headers=h, data=body, timeout=10)
+    assert r.status_code == status, r.text
+    if code:
+        assert r.json()["error"]["code"] == code
+
+
+def test_patch_rules(control: tuple[str, Path, str]) -> None:
+    api, _data, key = control
+    auth = {"Authorization": f"Bearer {key}"}
+    up = requests.post(
+        f"{api}/v1/uploads", headers=auth, json={"title": "p", "sizeBytes": 10}, timeout=10
+    ).json()
+    url = up["uploadUrl"]
+    h = {**auth, **TUS, "Content-Type": "application/offset+octet-stream"}
+    assert (
+        requests.patch(url, headers={**h, "Upload-Offset": "4"}, data=b"ab", timeout=10).status_code
+        == 409
+    )
+    r = requests.patch(
+        url,
+        headers={**h, "Content-Type": "text/plain", "Upload-Offset": "0"},
+        data=b"ab",
+        timeout=10,
+    )
+    assert r.status_code == 415
+    r = requests.patch(url, headers={**h, "Upload-Offset": "0"}, data=b"abcd", timeout=10)
+    assert r.status_code == 204 and r.headers["Upload-Offset"] == "4"
+    # past Upload-Length: refused, and the bytes already stored are not lost
+    r = requests.patch(url, headers={**h, "Upload-Offset": "4"}, data=b"0123456789", timeout=10)
+    assert r.status_code == 413
+    head = requests.head(url, headers={**auth, **TUS}, timeout=10)
+    assert int(head.headers["Upload-Offset"]) >= 4
+    c = requests.post(
+        f"{api}/v1/uploads/{up['uploadSessionId']}/complete", headers=auth, timeout=10
+    )
+    assert c.status_code == 409 and c.json()["error"]["code"] == "upload_state"
+    pb = requests.get(f"{api}/v1/videos/{up['videoId']}/playback", timeout=10)
+    assert pb.status_code == 409 and pb.json()["error"]["state"] == "UPLOADING"
