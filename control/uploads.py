@@ -30,14 +30,11 @@ from vodcore.db import jobs as jobq
 from vodcore.db.schema import upload_sessions, videos
 from vodcore.db.videos import append_event, transition
 from vodcore.errors import BAD_REQUEST, GONE, NOT_FOUND, TOO_LARGE, UPLOAD_STATE, ApiError
+from vodcore.layout import source_key
 from vodcore.lifecycle import Event, State
 from vodcore.store import ObjectStore
 
 TRANSCODE = "transcode"
-
-
-def source_key(video_id: str) -> str:
-    return f"source/{video_id}/original"
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,26 +43,21 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if "," in spec:
         return None  # multiple ranges: serve 200 with the whole body
     first, dash, last = spec.strip().partition("-")
-    if not dash:
-        return None
     first, last = first.strip(), last.strip()
-    try:
-        if first == "":
-            # suffix range: the last N bytes (RFC 9110 §14.1.3)
-            n = int(last)
-            if n < 0 or not last.isdigit():
-                return None
-            if n == 0 or size == 0:
-                raise RangeNotSatisfiable(size)
-            return ByteRange(max(0, size - n), size - 1)
-        if not first.isdigit() or (last and not last.isdigit()):
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None  # not a byte-range-spec: ignore the header (RFC 9110 §14.2)
+    if first == "":
+        if last == "":
             return None
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
-        return None
-    if end < start:
+        # suffix range: the last N bytes (RFC 9110 §14.1.3); -0 selects nothing
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(size)
+        return ByteRange(max(0, size - n), size - 1)
+    start = int(first)
+    if last and int(last) < start:
         return None  # invalid range-spec: ignore the header
     if start >= size:
-        raise RangeNotSatisfiable(size)
+        raise RangeNotSatisfiable(size)  # RFC 9110 §14.1.2: first-pos past the end
+    end = int(last) if last else size - 1
     return ByteRange(start, min(end, size - 1))

@@ -136,7 +136,7 @@ def verify(token: str, keys: dict[str, Ed25519PublicKey], video_id: str, now: in
     except jwt.PyJWTError as e:
         raise TokenError(f"bad token: {e}") from None
     vid, iat, exp = claims.get("vid"), claims.get("iat"), claims.get("exp")
-    if not isinstance(iat, int) or not isinstance(exp, int) or not isinstance(vid, str):
+    if type(iat) is not int or type(exp) is not int or not isinstance(vid, str):
         raise TokenError("bad claim types")
     if vid != video_id:
         raise TokenError("token is for another video")

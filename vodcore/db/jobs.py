@@ -127,6 +127,30 @@ async def complete(conn: AsyncConnection, job: Job, now: float) -> bool:
     return res.rowcount == 1
 
 
+async def release(engine: AsyncEngine, job: Job, now: float) -> bool:
+    """Give a running job back (graceful stop): queued again at once, the attempt not counted."""
+    async with engine.begin() as conn:
+        res = await conn.execute(
+            update(jobs)
+            .where(
+                and_(
+                    jobs.c.id == job.id,
+                    jobs.c.lease_owner == job.lease_owner,
+                    jobs.c.state == "running",
+                )
+            )
+            .values(
+                state="queued",
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=jobs.c.attempts - 1,
+                run_after=now,
+                updated_at=now,
+            )
+        )
+        return res.rowcount == 1
+
+
 async def fail(conn: AsyncConnection, job: Job, now: float, error: str, *, permanent: bool) -> bool:
     """Record a failure. Returns True when the job is finally failed (no more retries)."""
     final = permanent or job.attempts >= job.max_attempts

@@ -1,0 +1,109 @@
+"""The edge tier: the player-facing cache with playback-token checks.
+
+With tokens (the default), `GET`/`HEAD /v/{videoId}/{token}/{version}/{file…}`:
+1. the raw path is validated (`vodcore.paths.split_raw_path`; bad → 400 JSON);
+2. the token is verified against control's public keys for that video at the current time
+   (`vodcore.tokens.verify`; any failure → 403 `bad_token`, before the cache is consulted, so
+   a refusal is never cached and a valid cached object never leaks to a bad token);
+3. the cache key and the upstream path are the path without the token segment,
+   `/v/{videoId}/{version}/{file…}`, so every viewer shares one cached object.
+
+With `tokens=False` the edge is a plain caching reverse proxy (RFC 9111): cache key and upstream
+path are the request's raw path and query, after a traversal check.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import unquote
+
+import jwt
+from aiohttp import web
+
+from edge.keys import KeyRing
+from vodcore.cache import CacheEngine
+from vodcore.config import Settings
+from vodcore.errors import BAD_PATH, BAD_TOKEN, NOT_FOUND, ApiError
+from vodcore.paths import BadPath, split_raw_path
+from vodcore.server import base_app
+from vodcore.tokens import TokenError, verify
+
+TIER = "edge"
+JWKS_PATH = "/v1/keys/jwks.json"
+ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
+KEYS_KEY: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
+
+
+def split_media_path(raw_path: str) -> tuple[str, str, str]:
+    """(video id, token, cache path without the token) of a player-facing raw path."""
+    try:
+        segs = split_raw_path(raw_path)
+    except BadPath as e:
+        raise ApiError(BAD_PATH, str(e)) from None
+    if len(segs) < 5 or segs[0] != "v":
+        raise ApiError(NOT_FOUND)
+    vid, token, rest = segs[1], segs[2], segs[3:]
+    return vid, token, "/" + "/".join(["v", vid, *rest])
+
+
+def proxy_path(raw_path: str) -> str:
+    """The raw path+query to forward in tokens-off mode; refuses traversal and hidden separators.
+
+    Looser than `split_raw_path` (arbitrary upstreams use characters media keys never do), but
+    no segment may decode to '.' or '..' or hide a '/', '\\' or NUL.
+    """
+    path = raw_path.partition("?")[0]
+    if not path.startswith("/"):
+        raise ApiError(BAD_PATH, "path must be absolute")
+    for seg in path.split("/"):
+        decoded = unquote(seg)
+        if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):
+            raise ApiError(BAD_PATH, "traversal or encoded separator in path")
+    return raw_path
+
+
+async def check_token(request: web.Request, vid: str, token: str) -> None:
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except (jwt.PyJWTError, ValueError):
+        raise ApiError(BAD_TOKEN) from None
+    ring = request.app[KEYS_KEY]
+    keys = await ring.keys_for(
+        request.app[ENGINE_KEY].session, kid if isinstance(kid, str) else None
+    )
+    try:
+        verify(token, keys, vid, int(time.time()))
+    except TokenError:
+        raise ApiError(BAD_TOKEN) from None
+
+
+async def serve_tokened(request: web.Request) -> web.StreamResponse:
+    vid, token, path = split_media_path(request.raw_path)
+    await check_token(request, vid, token)
+    return await request.app[ENGINE_KEY].serve(request, path, path)
+
+
+async def serve_proxy(request: web.Request) -> web.StreamResponse:
+    path = proxy_path(request.raw_path)
+    return await request.app[ENGINE_KEY].serve(request, path, path)
+
+
+def make_app(
+    settings: Settings,
+    upstreams: list[str],
+    *,
+    tokens: bool = True,
+    control_url: str | None = None,
+) -> web.Application:
+    """The edge's aiohttp app, filling from `upstreams` (shields, tried in order)."""
+    engine = CacheEngine.from_settings(settings, TIER, upstreams)
+    app = base_app(TIER)
+    app[ENGINE_KEY] = engine
+    app.cleanup_ctx.append(engine.cleanup_ctx)
+    if tokens:
+        base = (control_url or settings.url("control")).rstrip("/")
+        app[KEYS_KEY] = KeyRing(base + JWKS_PATH)
+        app.router.add_get("/{tail:.*}", serve_tokened)
+    else:
+        app.router.add_get("/{tail:.*}", serve_proxy)
+    return app

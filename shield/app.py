@@ -1,0 +1,46 @@
+"""The shield tier: a cache between the edges and the origin, no tokens.
+
+`GET`/`HEAD /v/{videoId}/{version}/{file…}` is validated (`vodcore.paths.split_raw_path`, bad
+paths → 400 before any upstream is asked), looked up in the shared cache engine under the
+normalised path (the query string is dropped: the origin ignores it, so it must not split the
+cache), and filled from the origin with that same path.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from vodcore.cache import CacheEngine
+from vodcore.config import Settings
+from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError
+from vodcore.paths import BadPath, split_raw_path
+from vodcore.server import base_app
+
+TIER = "shield"
+ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
+
+
+def media_path(raw_path: str) -> str:
+    """The normalised `/v/…` path of a request; ApiError for anything else."""
+    try:
+        segs = split_raw_path(raw_path)
+    except BadPath as e:
+        raise ApiError(BAD_PATH, str(e)) from None
+    if len(segs) < 4 or segs[0] != "v":
+        raise ApiError(NOT_FOUND)
+    return "/" + "/".join(segs)
+
+
+async def serve(request: web.Request) -> web.StreamResponse:
+    path = media_path(request.raw_path)
+    return await request.app[ENGINE_KEY].serve(request, path, path)
+
+
+def make_app(settings: Settings, upstreams: list[str]) -> web.Application:
+    """The shield's aiohttp app, filling from `upstreams` (origins, tried in order)."""
+    engine = CacheEngine.from_settings(settings, TIER, upstreams)
+    app = base_app(TIER)
+    app[ENGINE_KEY] = engine
+    app.cleanup_ctx.append(engine.cleanup_ctx)
+    app.router.add_get("/{tail:.*}", serve)
+    return app
