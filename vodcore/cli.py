@@ -73,8 +73,8 @@ def cmd_tier(args: argparse.Namespace) -> int:
 
 def cmd_transcoder(args: argparse.Namespace) -> int:
     import uvloop
-    from transcoder.worker import run_pool
 
+    from transcoder.worker import run_pool
     from vodcore.server import configure_logging
 
     configure_logging()
