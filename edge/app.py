@@ -23,9 +23,8 @@ from aiohttp import web
 from edge.keys import KeyRing
 from vodcore.cache import CacheEngine
 from vodcore.config import Settings
-from vodcore.errors import BAD_PATH, BAD_TOKEN, NOT_FOUND, ApiError
-from vodcore.paths import BadPath, split_raw_path
-from vodcore.server import base_app
+from vodcore.errors import BAD_PATH, BAD_TOKEN, ApiError
+from vodcore.server import base_app, media_segments
 from vodcore.tokens import TokenError, verify
 
 TIER = "edge"
@@ -36,12 +35,7 @@ KEYS_KEY: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 
 def split_media_path(raw_path: str) -> tuple[str, str, str]:
     """(video id, token, cache path without the token) of a player-facing raw path."""
-    try:
-        segs = split_raw_path(raw_path)
-    except BadPath as e:
-        raise ApiError(BAD_PATH, str(e)) from None
-    if len(segs) < 5 or segs[0] != "v":
-        raise ApiError(NOT_FOUND)
+    segs = media_segments(raw_path, 5)
     vid, token, rest = segs[1], segs[2], segs[3:]
     return vid, token, "/" + "/".join(["v", vid, *rest])
 

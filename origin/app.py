@@ -22,9 +22,8 @@ from vodcore import metrics
 from vodcore.cache import conditional
 from vodcore.cache.policy import fold_headers
 from vodcore.config import Settings
-from vodcore.errors import BAD_PATH, NOT_FOUND, RANGE_NOT_SATISFIABLE, ApiError
-from vodcore.paths import BadPath, split_raw_path
-from vodcore.server import base_app
+from vodcore.errors import NOT_FOUND, RANGE_NOT_SATISFIABLE, ApiError
+from vodcore.server import base_app, media_segments
 from vodcore.store import ObjectNotFound, ObjectStore
 from vodcore.store.fs import FilesystemStore
 
@@ -34,12 +33,7 @@ STORE_KEY: web.AppKey[ObjectStore] = web.AppKey("store", ObjectStore)
 
 def object_key(raw_path: str) -> tuple[str, str, list[str]]:
     """(object key, video id, segments after the video id) for a raw request path."""
-    try:
-        segs = split_raw_path(raw_path)
-    except BadPath as e:
-        raise ApiError(BAD_PATH, str(e)) from None
-    if len(segs) < 3 or segs[0] != "v":
-        raise ApiError(NOT_FOUND)
+    segs = media_segments(raw_path, 3)
     vid, rest = segs[1], segs[2:]
     return "/".join(["media", vid, *rest]), vid, rest
 

@@ -12,9 +12,7 @@ from aiohttp import web
 
 from vodcore.cache import CacheEngine
 from vodcore.config import Settings
-from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError
-from vodcore.paths import BadPath, split_raw_path
-from vodcore.server import base_app
+from vodcore.server import base_app, media_segments
 
 TIER = "shield"
 ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
@@ -22,13 +20,7 @@ ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
 
 def media_path(raw_path: str) -> str:
     """The normalised `/v/…` path of a request; ApiError for anything else."""
-    try:
-        segs = split_raw_path(raw_path)
-    except BadPath as e:
-        raise ApiError(BAD_PATH, str(e)) from None
-    if len(segs) < 4 or segs[0] != "v":
-        raise ApiError(NOT_FOUND)
-    return "/" + "/".join(segs)
+    return "/" + "/".join(media_segments(raw_path, 4))
 
 
 async def serve(request: web.Request) -> web.StreamResponse:

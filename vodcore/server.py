@@ -11,8 +11,9 @@ from collections.abc import Awaitable, Callable
 import uvloop
 from aiohttp import web
 
-from vodcore.errors import error_middleware
+from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError, error_middleware
 from vodcore.metrics import metrics_handler, metrics_middleware
+from vodcore.paths import BadPath, split_raw_path
 
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{X-Cache}o"'
 
@@ -24,6 +25,18 @@ def configure_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+
+
+def media_segments(raw_path: str, min_segments: int) -> list[str]:
+    """Validated segments of a `/v/{videoId}/…` request path with at least `min_segments`
+    segments (counting 'v'): unsafe paths are 400 `bad_path`, anything else is 404."""
+    try:
+        segs = split_raw_path(raw_path)
+    except BadPath as e:
+        raise ApiError(BAD_PATH, str(e)) from None
+    if len(segs) < min_segments or segs[0] != "v":
+        raise ApiError(NOT_FOUND)
+    return segs
 
 
 def base_app(

@@ -12,8 +12,9 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from vodcore.paths import split_key
 from vodcore.store import ObjectInfo, ObjectNotFound
@@ -24,6 +25,21 @@ def _etag(st: os.stat_result) -> str:
     # so a replacement is the only way the bytes change).
     raw = f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}".encode()
     return '"' + hashlib.blake2b(raw, digest_size=12).hexdigest() + '"'
+
+
+def _atomic_write(dst: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Write through a hidden temporary file in dst's directory, fsync, then rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class FilesystemStore:
@@ -88,16 +104,8 @@ class FilesystemStore:
                 return self._stat_sync(key)
             except OSError:
                 pass
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, 1024 * 1024)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with open(src, "rb") as inp:
+            _atomic_write(dst, lambda out: shutil.copyfileobj(inp, out, 1024 * 1024))
         if move:
             Path(src).unlink(missing_ok=True)
         return self._stat_sync(key)
@@ -106,18 +114,7 @@ class FilesystemStore:
         return await asyncio.to_thread(self._put_file_sync, key, Path(src), move)
 
     def _put_bytes_sync(self, key: str, data: bytes) -> ObjectInfo:
-        dst = self._path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _atomic_write(self._path(key), lambda out: out.write(data))
         return self._stat_sync(key)
 
     async def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
