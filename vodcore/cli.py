@@ -128,17 +128,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         ("origin", [*base, "origin", *common]),
         ("shield", [*base, "shield", *common, "--upstream", s.url("origin")]),
         ("edge", [*base, "edge", *common, "--upstream", s.url("shield")]),
-        (
-            "transcoder",
-            [*base, "transcoder", *common, "--slots", str(args.slots or s.transcoder_slots)],
-        ),
     ]
+    # The transcoder starts once control is healthy, i.e. after control has created the schema.
+    transcoder = [*base, "transcoder", *common, "--slots", str(args.slots or s.transcoder_slots)]
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    stopping = False
 
     def stop_all(code: int) -> int:
-        nonlocal stopping
-        stopping = True
         for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -155,11 +150,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+
+    def start(name: str, cmd: list[str]) -> None:
+        with open(s.logs_dir / f"{name}.log", "ab") as log:  # the child keeps its own fd
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
     try:
         for name, cmd in plan:
-            log = open(s.logs_dir / f"{name}.log", "ab")
-            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            log.close()
+            start(name, cmd)
         for name in TIERS:
             if not _wait_healthy(s.url(name), procs[name], 30):
                 print(
@@ -167,6 +165,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return stop_all(1)
+        start("transcoder", transcoder)
         print("vodstack is up:")
         print(f"  control     {s.url('control')}/v1")
         print(f"  edge        {s.url('edge')}   (players)")
