@@ -9,7 +9,12 @@ import threading
 
 
 class CuttingProxy:
-    def __init__(self, upstream_port: int, cut_after_bytes: int) -> None:
+    def __init__(
+        self, upstream_port: int, cut_after_bytes: int, *, refuse_after_cut: bool = False
+    ) -> None:
+        """`refuse_after_cut`: once the cut happened, every new connection is closed at
+        once (the network stays down), so the client gives up instead of retrying."""
+        self.refuse_after_cut = refuse_after_cut
         self.upstream = ("127.0.0.1", upstream_port)
         self.cut_after = cut_after_bytes
         self.cuts = 0
@@ -36,6 +41,9 @@ class CuttingProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
+            if self.refuse_after_cut and self.cuts:
+                client.close()
+                continue
             up = socket.create_connection(self.upstream, timeout=30)
             for src, dst, count in ((client, up, True), (up, client, False)):
                 t = threading.Thread(

@@ -51,9 +51,20 @@ def _api_error(resp: requests.Response) -> str:
         return f"{resp.status_code} {resp.text[:200]}"
 
 
+def _session_alive(api: str, session_id: str, auth: dict[str, str]) -> bool:
+    try:
+        head = requests.head(
+            f"{api}/v1/tus/{session_id}", headers={**auth, "Tus-Resumable": "1.0.0"}, timeout=30
+        )
+    except requests.RequestException:
+        return False
+    return head.status_code == 200
+
+
 def cmd_upload(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tusclient import client as tus_client
+    from tusclient.exceptions import TusCommunicationError, TusUploadFailed
 
     key = args.key or os.environ.get("VOD_API_KEY")
     if not key:
@@ -74,12 +85,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
     resume = _load_resume()
     entry = resume.get(fp)
 
-    if entry:
-        head = requests.head(
-            entry["uploadUrl"], headers={**auth, "Tus-Resumable": "1.0.0"}, timeout=30
-        )
-        if head.status_code != 200:
-            entry = None
+    if entry and not _session_alive(api, entry["uploadSessionId"], auth):
+        entry = None
     if not entry:
         r = requests.post(
             f"{api}/v1/uploads",
@@ -96,23 +103,21 @@ def cmd_upload(args: argparse.Namespace) -> int:
         if r.status_code != 201:
             print(f"vod upload: could not create the upload: {_api_error(r)}", file=sys.stderr)
             return 1
-        entry = r.json()
-        resume[fp] = {
-            "uploadUrl": entry["uploadUrl"],
-            "videoId": entry["videoId"],
-            "uploadSessionId": entry["uploadSessionId"],
-        }
+        entry = {"videoId": r.json()["videoId"], "uploadSessionId": r.json()["uploadSessionId"]}
+        resume[fp] = entry
         _save_resume(resume)
     else:
         print(f"resuming upload of {entry['videoId']}", file=sys.stderr)
 
     video_id = entry["videoId"]
     tc = tus_client.TusClient(f"{api}/v1/tus/", headers=auth)
+    # The URL is rebuilt from --api: the server's absolute uploadUrl names the host the
+    # upload was created through, which may not be the one used now.
     uploader = tc.uploader(
         str(path),
-        url=entry["uploadUrl"],
+        url=f"{api}/v1/tus/{entry['uploadSessionId']}",
         chunk_size=args.chunk_mib * 2**20,
-        retries=5,
+        retries=args.retries,
         retry_delay=2,
     )
     with tqdm(
@@ -125,7 +130,16 @@ def cmd_upload(args: argparse.Namespace) -> int:
     ) as bar:
         while uploader.offset < size:
             before = uploader.offset
-            uploader.upload_chunk()  # type: ignore[no-untyped-call]
+            try:
+                uploader.upload_chunk()  # type: ignore[no-untyped-call]
+            except (TusCommunicationError, TusUploadFailed, requests.RequestException) as e:
+                bar.close()
+                print(
+                    f"vod upload: interrupted at {uploader.offset} of {size} bytes ({e}); "
+                    "run the same command again to resume",
+                    file=sys.stderr,
+                )
+                return 1
             bar.update(uploader.offset - before)
     resume.pop(fp, None)
     _save_resume(resume)
@@ -194,5 +208,9 @@ def add_upload_parser(sub: Any) -> None:
     )
     up.add_argument("--key", help="API key (default $VOD_API_KEY)")
     up.add_argument("--chunk-mib", type=int, default=8, help="PATCH size in MiB")
+    up.add_argument(
+        "--retries", type=int, default=5,
+        help="retries of a failed PATCH before giving up (running again resumes)",
+    )  # fmt: skip
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     up.set_defaults(func=cmd_upload)

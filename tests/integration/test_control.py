@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,3 +226,71 @@ def test_patch_rules(control: tuple[str, Path, str]) -> None:
     assert c.status_code == 409 and c.json()["error"]["code"] == "upload_state"
     pb = requests.get(f"{api}/v1/videos/{up['videoId']}/playback", timeout=10)
     assert pb.status_code == 409 and pb.json()["error"]["state"] == "UPLOADING"
+
+
+def test_vod_upload_cli_resumes_after_a_cut(control: tuple[str, Path, str], tmp_path: Path) -> None:
+    """`vod upload` through a proxy that cuts the first PATCH: tuspy retries, asks the server
+    where it stands (HEAD) and finishes; the stored source is byte-identical."""
+    api, data, key = control
+    src = tmp_path / "movie.mp4"
+    src.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    proxy = CuttingProxy(int(api.rsplit(":", 1)[1]), cut_after_bytes=1_000_000)
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "vodcore.cli", "upload", str(src), "--title", "cli",
+             "--api", proxy.url, "--key", key, "--chunk-mib", "4", "--quiet"],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    assert p.returncode == 0, p.stderr
+    assert proxy.cuts == 1
+    vid = p.stdout.strip()
+    assert vid.startswith("vid_")
+    stored = data / "store" / "source" / vid / "original"
+    assert stored.read_bytes() == src.read_bytes()
+    v = requests.get(f"{api}/v1/videos/{vid}", timeout=10).json()
+    assert v["state"] == "UPLOADED" and v["title"] == "cli"
+
+
+def test_vod_upload_without_a_key_explains_itself(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "vodcore.cli", "upload", str(tmp_path / "x.mp4")],
+        capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if k != "VOD_API_KEY"},
+    )  # fmt: skip
+    assert p.returncode == 2
+    assert "vod keys create" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_vod_upload_cli_resumes_in_a_second_run(
+    control: tuple[str, Path, str], tmp_path: Path
+) -> None:
+    """The network goes down mid-upload and stays down: the first run gives up with a clear
+    message; running the same command again continues from the server's offset."""
+    api, data, key = control
+    src = tmp_path / "movie.mp4"
+    src.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ["--title", "twice", "--key", key, "--chunk-mib", "4", "--quiet", "--retries", "0"]
+    proxy = CuttingProxy(int(api.rsplit(":", 1)[1]), 1_000_000, refuse_after_cut=True)
+    try:
+        first = subprocess.run(
+            [sys.executable, "-m", "vodcore.cli", "upload", str(src), "--api", proxy.url, *args],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    assert first.returncode == 1, first.stderr
+    assert "run the same command again to resume" in first.stderr
+    assert "Traceback" not in first.stderr
+    second = subprocess.run(
+        [sys.executable, "-m", "vodcore.cli", "upload", str(src), "--api", api, *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert "resuming upload of" in second.stderr
+    vid = second.stdout.strip()
+    assert (data / "store" / "source" / vid / "original").read_bytes() == src.read_bytes()
+    assert len(_db_rows(data, "videos")) == 1  # resumed, not uploaded again as a new video
