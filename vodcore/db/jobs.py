@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from vodcore.db.schema import jobs
@@ -99,6 +99,13 @@ async def claim(
     return None
 
 
+def _held(job: Job) -> ColumnElement[bool]:
+    """The row is still this worker's running lease (a re-claimed job has another owner)."""
+    return and_(
+        jobs.c.id == job.id, jobs.c.lease_owner == job.lease_owner, jobs.c.state == "running"
+    )
+
+
 async def heartbeat(
     engine: AsyncEngine, job: Job, now: float, lease_seconds: float, progress: float | None
 ) -> bool:
@@ -106,13 +113,7 @@ async def heartbeat(
     async with engine.begin() as conn:
         res = await conn.execute(
             update(jobs)
-            .where(
-                and_(
-                    jobs.c.id == job.id,
-                    jobs.c.lease_owner == job.lease_owner,
-                    jobs.c.state == "running",
-                )
-            )
+            .where(_held(job))
             .values(lease_expires_at=now + lease_seconds, progress=progress, updated_at=now)
         )
         return res.rowcount == 1
@@ -121,7 +122,7 @@ async def heartbeat(
 async def complete(conn: AsyncConnection, job: Job, now: float) -> bool:
     res = await conn.execute(
         update(jobs)
-        .where(and_(jobs.c.id == job.id, jobs.c.lease_owner == job.lease_owner))
+        .where(_held(job))
         .values(state="done", lease_expires_at=None, progress=100.0, updated_at=now)
     )
     return res.rowcount == 1
@@ -132,13 +133,7 @@ async def release(engine: AsyncEngine, job: Job, now: float) -> bool:
     async with engine.begin() as conn:
         res = await conn.execute(
             update(jobs)
-            .where(
-                and_(
-                    jobs.c.id == job.id,
-                    jobs.c.lease_owner == job.lease_owner,
-                    jobs.c.state == "running",
-                )
-            )
+            .where(_held(job))
             .values(
                 state="queued",
                 lease_owner=None,
@@ -156,7 +151,7 @@ async def fail(conn: AsyncConnection, job: Job, now: float, error: str, *, perma
     final = permanent or job.attempts >= job.max_attempts
     await conn.execute(
         update(jobs)
-        .where(and_(jobs.c.id == job.id, jobs.c.lease_owner == job.lease_owner))
+        .where(_held(job))
         .values(
             state="failed" if final else "queued",
             lease_owner=None,
