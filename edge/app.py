@@ -9,7 +9,8 @@ With tokens (the default), `GET`/`HEAD /v/{videoId}/{token}/{version}/{file…}`
    `/v/{videoId}/{version}/{file…}`, so every viewer shares one cached object.
 
 With `tokens=False` the edge is a plain caching reverse proxy (RFC 9111): cache key and upstream
-path are the request's raw path and query, after a traversal check.
+path are the request's raw path and query, after a traversal check; unsafe methods are
+forwarded and invalidate the stored responses of their target.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ async def serve_tokened(request: web.Request) -> web.StreamResponse:
 
 async def serve_proxy(request: web.Request) -> web.StreamResponse:
     path = proxy_path(request.raw_path)
-    return await request.app[ENGINE_KEY].serve(request, path, path)
+    engine = request.app[ENGINE_KEY]
+    if request.method in ("GET", "HEAD"):
+        return await engine.serve(request, path, path)
+    # Unsafe methods go upstream and invalidate what is stored for the URI (RFC 9111 §4.4).
+    return await engine.forward_unsafe(request, path, path, key_for=lambda target: target)
 
 
 def make_app(
@@ -88,9 +93,15 @@ def make_app(
     *,
     tokens: bool = True,
     control_url: str | None = None,
+    fallback: list[str] | None = None,
 ) -> web.Application:
-    """The edge's aiohttp app, filling from `upstreams` (shields, tried in order)."""
-    engine = CacheEngine.from_settings(settings, TIER, upstreams)
+    """The edge's aiohttp app. Keys are spread over `upstreams` (shields) by rendezvous
+    hashing; when no shield is usable, `fallback` (the origin) is asked directly, with a cap on
+    concurrent fetches."""
+    # A foreign upstream (tokens off: any origin) has no /healthz; rely on passive health.
+    engine = CacheEngine.from_settings(
+        settings, TIER, upstreams, fallback=fallback, health_path="/healthz" if tokens else None
+    )
     app = base_app(TIER)
     app[ENGINE_KEY] = engine
     app.cleanup_ctx.append(engine.cleanup_ctx)
@@ -99,5 +110,5 @@ def make_app(
         app[KEYS_KEY] = KeyRing(base + JWKS_PATH)
         app.router.add_get("/{tail:.*}", serve_tokened)
     else:
-        app.router.add_get("/{tail:.*}", serve_proxy)
+        app.router.add_route("*", "/{tail:.*}", serve_proxy)
     return app

@@ -7,12 +7,17 @@ carry ETag (the store's strong validator), Last-Modified, Accept-Ranges, the Cac
 Conditional and Range requests are decided by `vodcore.cache.conditional` (RFC 9110 §13, §14),
 the same code the caches use. The origin is not a cache and sets no X-Cache.
 
-Bodies stream through `ObjectStore.open_range`, which works for every backend; a sendfile fast
-path for the filesystem store is left for later.
+Bodies: a store with the `local_path` capability (the filesystem) is sent by `sendfile(2)`
+(`vodcore.sendfile`); any other store (S3) is streamed from `ObjectStore.open_range`, which for
+a Range request fetches only that range from the backend. A client that leaves mid-body, or an
+object that turns out shorter than its stat, aborts the connection (a short body must never
+look complete to a cache) without a traceback or a 500 in the log.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from email.utils import formatdate
 
 from aiohttp import web
@@ -22,12 +27,14 @@ from vodcore import metrics
 from vodcore.cache import conditional
 from vodcore.cache.policy import fold_headers
 from vodcore.config import Settings
-from vodcore.errors import NOT_FOUND, RANGE_NOT_SATISFIABLE, ApiError
+from vodcore.errors import NOT_FOUND, RANGE_NOT_SATISFIABLE, UNAVAILABLE, ApiError
+from vodcore.sendfile import StaleStat, abort, open_for_range, send_file_range
 from vodcore.server import base_app, media_segments
-from vodcore.store import ObjectNotFound, ObjectStore
-from vodcore.store.fs import FilesystemStore
+from vodcore.store import ObjectInfo, ObjectNotFound, ObjectStore
+from vodcore.store.factory import close_store, make_store
 
 TIER = "origin"
+log = logging.getLogger("vod.origin")
 STORE_KEY: web.AppKey[ObjectStore] = web.AppKey("store", ObjectStore)
 
 
@@ -38,76 +45,128 @@ def object_key(raw_path: str) -> tuple[str, str, list[str]]:
     return "/".join(["media", vid, *rest]), vid, rest
 
 
-async def serve_media(request: web.Request) -> web.StreamResponse:
-    store = request.app[STORE_KEY]
-    key, vid, rest = object_key(request.raw_path)
-    try:
-        info = await store.stat(key)
-    except ObjectNotFound:
-        raise ApiError(NOT_FOUND, "no such object") from None
-    headers = {
+def _headers(info: ObjectInfo, vid: str, rest: list[str]) -> dict[str, str]:
+    return {
         "ETag": info.etag,
         "Last-Modified": formatdate(info.mtime, usegmt=True),  # RFC 9110 §8.8.2
         "Cache-Control": policy.cache_control(rest),
         "Surrogate-Key": vid,
         "Accept-Ranges": "bytes",  # RFC 9110 §14.3
     }
-    sel = conditional.select(
-        request.method,
-        fold_headers(request.headers.items()),
-        size=info.size,
-        etag=info.etag,
-        last_modified=info.mtime,
-    )
-    start, length, status = 0, info.size, 200
-    match sel.outcome:
-        case conditional.Outcome.NOT_MODIFIED:
-            return web.Response(status=304, headers=headers)
-        case conditional.Outcome.UNSATISFIABLE:
-            raise ApiError(RANGE_NOT_SATISFIABLE, headers={"Content-Range": f"bytes */{info.size}"})
-        case conditional.Outcome.PARTIAL:
-            assert sel.range is not None
-            start, length, status = sel.range.start, sel.range.length, 206
-            headers["Content-Range"] = sel.range.content_range(info.size)
-        case conditional.Outcome.FULL:
-            pass
 
-    resp = web.StreamResponse(status=status, headers=headers)
-    resp.content_type = policy.content_type(rest[-1])
-    resp.content_length = length
-    if request.method == "HEAD":
-        await resp.prepare(request)
+
+async def serve_media(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE_KEY]
+    key, vid, rest = object_key(request.raw_path)
+    path = store.local_path(key)
+    # A file replaced between stat and open would pair new bytes with old validators; retry
+    # the (cheap) stat when that happens. Objects are immutable, so this is a rare race.
+    for _attempt in range(3):
+        try:
+            info = await store.stat(key)
+        except ObjectNotFound:
+            raise ApiError(NOT_FOUND, "no such object") from None
+        headers = _headers(info, vid, rest)
+        sel = conditional.select(
+            request.method,
+            fold_headers(request.headers.items()),
+            size=info.size,
+            etag=info.etag,
+            last_modified=info.mtime,
+        )
+        start, length, status = 0, info.size, 200
+        match sel.outcome:
+            case conditional.Outcome.NOT_MODIFIED:
+                return web.Response(status=304, headers=headers)  # RFC 9110 §15.4.5
+            case conditional.Outcome.UNSATISFIABLE:
+                headers = {"Content-Range": f"bytes */{info.size}"}  # RFC 9110 §14.4
+                raise ApiError(RANGE_NOT_SATISFIABLE, headers=headers)
+            case conditional.Outcome.PARTIAL:
+                assert sel.range is not None
+                start, length, status = sel.range.start, sel.range.length, 206
+                headers["Content-Range"] = sel.range.content_range(info.size)
+            case conditional.Outcome.FULL:
+                pass
+
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_type = policy.content_type(rest[-1])
+        resp.content_length = length
+        if request.method == "HEAD":
+            await resp.prepare(request)
+            return resp
+        if path is None:
+            return await _stream(request, resp, store, key, start, length)
+        try:
+            f = await asyncio.to_thread(
+                open_for_range,
+                path,
+                start,
+                length,
+                expect_size=info.size,
+                expect_mtime=info.mtime,
+            )
+        except StaleStat:
+            continue
+        except OSError:
+            raise ApiError(NOT_FOUND, "no such object") from None
+        if await send_file_range(request, resp, path, start, length, file=f):
+            metrics.BYTES_SENT.labels(TIER).inc(length)
         return resp
+    raise ApiError(UNAVAILABLE, "the object is being replaced; retry")
+
+
+async def _stream(
+    request: web.Request,
+    resp: web.StreamResponse,
+    store: ObjectStore,
+    key: str,
+    start: int,
+    length: int,
+) -> web.StreamResponse:
+    """Body from `open_range` (the only read a remote store has); Range goes to the backend."""
     chunks = store.open_range(key, start, length)
     try:
-        # Open before sending headers so a file removed since stat() is still a clean 404.
+        # Open before sending headers so an object removed since stat() is still a clean 404.
         first = await anext(chunks, b"")
     except ObjectNotFound:
         raise ApiError(NOT_FOUND, "no such object") from None
-    await resp.prepare(request)
     sent = 0
     try:
+        await resp.prepare(request)
         chunk = first
         while chunk:
             await resp.write(chunk)
             sent += len(chunk)
             chunk = await anext(chunks, b"")
+        if sent != length:
+            log.warning("%s: %d of %d bytes from the store; connection aborted", key, sent, length)
+            abort(request)
+            return resp
+        await resp.write_eof()
+    except ConnectionError:
+        abort(request)  # the client left: routine, not an error
+    except Exception as e:
+        # Headers are out, so no error response is possible; cut the body short instead.
+        if not resp.prepared:
+            raise
+        log.warning("%s: store read failed mid-body (%r); connection aborted", key, e)
+        abort(request)
     finally:
-        aclose = getattr(chunks, "aclose", None)  # async generators hold an open file
-        if aclose is not None:
-            await aclose()
+        await chunks.aclose()  # type: ignore[attr-defined]  # async generators hold a response
         metrics.BYTES_SENT.labels(TIER).inc(sent)
-    if sent != length:
-        # The object shrank under us: cut the connection rather than end a short body cleanly.
-        raise ConnectionResetError("object changed while being sent")
-    await resp.write_eof()
     return resp
 
 
-def make_app(settings: Settings) -> web.Application:
-    """The origin's aiohttp app over a FilesystemStore at `settings.store_dir`."""
+def make_app(settings: Settings, store: ObjectStore | None = None) -> web.Application:
+    """The origin's aiohttp app over `store`, by default `make_store(settings)` (filesystem
+    under `settings.store_dir`, or S3 when `settings.s3_bucket` is set), closed on cleanup."""
     app = base_app(TIER)
-    app[STORE_KEY] = FilesystemStore(settings.store_dir)
+    app[STORE_KEY] = store if store is not None else make_store(settings)
+
+    async def close(app: web.Application) -> None:
+        await close_store(app[STORE_KEY])
+
+    app.on_cleanup.append(close)
     # Catch-all after /healthz and /metrics: the raw path is validated in the handler, so no
     # router decoding step can turn %2f or %2e%2e into something else first. HEAD is implied.
     app.router.add_get("/{tail:.*}", serve_media)

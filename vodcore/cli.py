@@ -62,6 +62,7 @@ def cmd_tier(args: argparse.Namespace) -> int:
             _upstreams(args.upstream, s.url("shield")),
             tokens=args.tokens == "on",
             control_url=args.control or s.url("control"),
+            fallback=_upstreams(args.origin, "") or None,
         )
     else:
         from control.app import make_app as control_app
@@ -127,7 +128,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         ("control", [*base, "control", *common]),
         ("origin", [*base, "origin", *common]),
         ("shield", [*base, "shield", *common, "--upstream", s.url("origin")]),
-        ("edge", [*base, "edge", *common, "--upstream", s.url("shield")]),
+        (
+            "edge",
+            [*base, "edge", *common, "--upstream", s.url("shield"), "--origin", s.url("origin")],
+        ),
     ]
     # The transcoder starts once control is healthy, i.e. after control has created the schema.
     transcoder = [*base, "transcoder", *common, "--slots", str(args.slots or s.transcoder_slots)]
@@ -252,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="off: a plain RFC 9111 caching reverse proxy",
             )
             sp.add_argument("--control", help="control URL for public signing keys")
+            sp.add_argument(
+                "--origin",
+                help="origin URL[,URL…] asked directly when no "
+                "upstream shield is usable (with a concurrency cap)",
+            )
         sp.set_defaults(func=cmd_tier, tier=tier)
 
     tc = sub.add_parser("transcoder", help="run a transcoder pool pulling jobs from the queue")

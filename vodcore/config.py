@@ -10,7 +10,9 @@ The TOML file has one table per tier plus top-level keys, e.g.
     cache_bytes = 268435456
 
 Environment: VOD_DATA, VOD_CONTROL_PORT, VOD_EDGE_PORT, VOD_SHIELD_PORT, VOD_ORIGIN_PORT,
-VOD_DATABASE_URL, VOD_FFMPEG, VOD_PUBLIC_EDGE_URL.
+VOD_DATABASE_URL, VOD_FFMPEG, VOD_PUBLIC_EDGE_URL; and for an S3 object store (`[s3] bucket`,
+`endpoint_url`, `region`, `prefix` in TOML) VOD_S3_BUCKET, VOD_S3_ENDPOINT_URL, VOD_S3_REGION,
+VOD_S3_PREFIX. S3 credentials are not settings: botocore reads AWS_ACCESS_KEY_ID etc.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class Settings:
     upload_part_bytes: int = 8 * 1024 * 1024
     upload_ttl_seconds: int = 24 * 3600
     upstream_timeout_seconds: float = 30.0
+    # Object store: the filesystem under data_dir unless an S3 bucket is named.
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None  # MinIO, Ceph, R2, moto; default AWS
+    s3_region: str | None = None
+    s3_prefix: str = ""
 
     # Derived locations -------------------------------------------------------------------
     @property
@@ -117,6 +124,11 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         if isinstance(doc.get(tier), dict) and "cache_bytes" in doc[tier]:
             cache[tier] = int(doc[tier]["cache_bytes"])
     changes["cache_bytes"] = cache
+    s3 = doc.get("s3")
+    if isinstance(s3, dict):
+        for key in ("bucket", "endpoint_url", "region", "prefix"):
+            if key in s3:
+                changes[f"s3_{key}"] = str(s3[key])
     return replace(s, **changes)
 
 
@@ -136,4 +148,8 @@ def _apply_env(s: Settings, env: os._Environ[str] | dict[str, str]) -> Settings:
         changes["ffmpeg"] = env["VOD_FFMPEG"]
     if env.get("VOD_PUBLIC_EDGE_URL"):
         changes["public_edge_url"] = env["VOD_PUBLIC_EDGE_URL"]
+    for key in ("bucket", "endpoint_url", "region", "prefix"):
+        v = env.get(f"VOD_S3_{key.upper()}")
+        if v:
+            changes[f"s3_{key}"] = v
     return replace(s, **changes)

@@ -1,5 +1,5 @@
 """Pure cache policy: RFC 9111 storability/freshness/age, 200/206/304/416 selection, the LRU
-memory storage, and the origin's caching-header policy. Declarative tables, no sockets."""
+and the origin's caching-header policy. Declarative tables, no sockets."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from vodcore.cache.policy import (
     parse_http_date,
     shareable_with_waiters,
 )
-from vodcore.cache.storage import CachedResponse, MemoryStorage
 from vodcore.ranges import ByteRange
 
 T0 = 1_700_000_000.0
@@ -75,15 +74,16 @@ STORABLE_TABLE = [
     (200, {}, {}, 30.0, True),  # a configured default TTL stands in for the heuristic
     (200, {"cache-control": "no-store, max-age=60"}, {}, None, False),
     (200, {"cache-control": "private, max-age=60"}, {}, None, False),
-    (200, {"cache-control": "no-cache, max-age=60"}, {}, None, False),
+    (200, {"cache-control": "no-cache, max-age=60"}, {}, None, True),  # stored, revalidated
     (200, {"cache-control": "max-age=60"}, {"cache-control": "no-store"}, None, False),
     (200, {"cache-control": "max-age=60", "vary": "*"}, {}, None, False),
-    (200, {"cache-control": "max-age=60", "vary": "Cookie"}, {}, None, False),
+    (200, {"cache-control": "max-age=60", "vary": "Cookie"}, {}, None, True),  # keyed by Cookie
     (200, {"cache-control": "max-age=60", "vary": "Accept-Encoding"}, {}, None, True),
     (200, {"cache-control": "max-age=60"}, {"authorization": "Bearer x"}, None, False),
     (200, {"cache-control": "public, max-age=60"}, {"authorization": "Bearer x"}, None, True),
     (206, {"cache-control": "max-age=60"}, {}, None, False),  # partial bodies never stored
-    (404, {"cache-control": "max-age=60"}, {}, None, False),  # errors not stored (yet)
+    (404, {"cache-control": "max-age=60"}, {}, None, True),  # cacheable by default (§15.1)
+    (404, {}, {}, None, False),  # ... but only with explicit freshness
     (500, {"cache-control": "max-age=60"}, {}, None, False),
 ]
 
@@ -205,47 +205,6 @@ def test_select(
     sel = conditional.select(method, headers, size=100, etag=ETAG, last_modified=LM)
     assert sel.outcome is outcome
     assert sel.range == rng
-
-
-# --- memory storage ------------------------------------------------------------------------------
-
-
-def entry(key: str, size: int) -> CachedResponse:
-    return CachedResponse(
-        key=key,
-        status=200,
-        headers=(("Content-Type", "video/iso.segment"),),
-        body=b"x" * size,
-        age=AgeInputs(0, T0, T0, T0),
-        lifetime=60.0,
-        etag=None,
-        last_modified=None,
-    )
-
-
-def test_memory_storage_lru_and_budget() -> None:
-    one = entry("/a", 1000).charge
-    s = MemoryStorage(budget_bytes=3 * one, max_object_bytes=10_000)
-    for k in ("/a", "/b", "/c"):
-        assert s.put(entry(k, 1000))
-    assert s.bytes_used == 3 * one
-    assert s.get("/a") is not None  # /a is now most recent; /b is the LRU
-    assert s.put(entry("/d", 1000))
-    assert "/b" not in s and "/a" in s and "/d" in s
-    assert s.bytes_used <= s.budget_bytes
-    assert s.put(entry("/a", 500))  # replacing re-charges
-    assert s.bytes_used == 2 * one + entry("/a", 500).charge
-    assert s.delete("/a") and not s.delete("/a")
-    s.clear()
-    assert len(s) == 0 and s.bytes_used == 0
-
-
-def test_memory_storage_refuses_oversized() -> None:
-    s = MemoryStorage(budget_bytes=5000, max_object_bytes=2000)
-    assert not s.put(entry("/big", 2001))  # over max_object_bytes
-    s2 = MemoryStorage(budget_bytes=1000, max_object_bytes=10_000)
-    assert not s2.put(entry("/big", 1500))  # over the whole budget
-    assert len(s) == len(s2) == 0
 
 
 # --- origin caching headers ----------------------------------------------------------------------

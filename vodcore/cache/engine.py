@@ -1,36 +1,48 @@
-"""The HTTP cache engine shared by edge and shield: lookup, collapsed fill, pass-through.
+"""The HTTP cache engine shared by edge and shield (RFC 9111 shared cache).
 
-One request for cache key K moves through these states (hishel's shape, one driver in `serve`):
+One request for primary key K (the path; with Vary, a variant key adds the request's values of
+the varying fields) is decided in `serve`, one driver over these states:
 
-    lookup ─fresh─▶ HIT (serve stored object)
-       └─missing/stale─▶ join or start the fill task for K
-                            ├─ Fetched, this request started it ──▶ MISS
-                            ├─ Fetched, shareable, we waited ─────▶ COLLAPSED (served as HIT)
-                            ├─ Fetched, not shareable, we waited ─▶ fetch again alone (MISS)
-                            ├─ TooLarge ──────────────────────────▶ BYPASS (stream through)
-                            └─ ApiError (502/504) ────────────────▶ every requester gets it
+    PASS        request carries Authorization or Cookie, or K is known too large
+                → forwarded as is, streamed back, nothing stored (Varnish's builtin rule)
+    lookup ─── stored and fresh ─────────────▶ HIT
+           ├── stale within stale-while-revalidate ─▶ STALE (+ one background revalidation)
+           ├── stale / no-cache ─▶ REVALIDATE: join or start the fill for K with validators
+           │       304 ─▶ stored headers updated (RFC 9111 §4.3.4) ─▶ REVALIDATED
+           │       2xx/3xx/4xx ─▶ the new response streams to every reader (MISS)
+           │       5xx or no upstream ─▶ stale-if-error allows? STALE : the error
+           └── missing ─▶ join or start the fill for K ─▶ MISS (leader) / COLLAPSED (waiters)
 
 Rules:
-- At most one upstream fill per key at a time. The fill runs as its own task so a requester
-  that disconnects does not cancel it for the others; waiters await it (no polling).
-- A fill always asks upstream for the whole object with GET and `Accept-Encoding: identity`
-  (the client's Range and validators are not forwarded), buffers it completely and only then
-  answers anyone; a failed or truncated fill becomes a 502/504 JSON error, never a short body
-  presented as whole. Range and conditionals are answered from the buffered object.
-- Objects larger than `max_object_bytes` are not buffered: every requester streams them from
-  upstream with its own Range/validators forwarded.
-- Upstreams are tried in order when a connection cannot be made (issue 3: rendezvous hashing).
-- `X-Cache: {tier}=HIT|MISS[, upstream's X-Cache]` on every answer; never stored.
+- At most one upstream fetch per key at a time, for misses *and* revalidations. The fill runs
+  as its own task (a requester going away does not cancel it). Readers get the response head as
+  soon as it arrives and body bytes as they arrive (`fill.Fill`, read-while-write), woken by
+  events, never by polling. A Range request on a miss is answered from the bytes as they come.
+- A fill that fails mid-body is never stored, and readers' connections are cut: with a
+  Content-Length already sent, a client sees a short read rather than a short body as whole.
+- Objects whose Content-Length exceeds `max_object_bytes` are not buffered: each requester
+  streams them from upstream with its own Range/validators (PASS). A body without
+  Content-Length that outgrows the cap fails the fill and marks the key too large for a while.
+- Upstreams come from the `UpstreamPool` (rendezvous hashing over shields, health checks,
+  circuit breakers, origin fallback with a concurrency cap). A fill moves to the next upstream
+  on a connection error, a timeout before the head, or a 502/503/504, i.e. before any byte has
+  gone to a client.
+- `X-Cache: {tier}=HIT|MISS|STALE|REVALIDATED[, upstream's X-Cache on a MISS]`; never stored.
+- Client Cache-Control request directives are ignored (as CDNs do: players must not be able to
+  force origin fetches); RFC 9111 §5.2.1 makes honouring them a cache's choice for no-cache.
+- Unsafe methods (POST, PUT, DELETE, PATCH) are forwarded and, after a non-error answer,
+  invalidate what is stored for the target URI and same-origin Location/Content-Location
+  (RFC 9111 §4.4).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 
 import aiohttp
 import yarl
@@ -39,7 +51,10 @@ from multidict import CIMultiDict
 
 from vodcore import metrics
 from vodcore.cache import conditional, policy
+from vodcore.cache.fill import Fill, FillFailed, Head
 from vodcore.cache.storage import CachedResponse, CacheStorage, MemoryStorage
+from vodcore.cache.upstreams import UpstreamPool, response_ok
+from vodcore.cache.vary import STAR, same_variant, variant_key, vary_fields
 from vodcore.config import Settings
 from vodcore.errors import RANGE_NOT_SATISFIABLE, UPSTREAM_FAILED, UPSTREAM_TIMEOUT, ApiError
 
@@ -82,8 +97,24 @@ NOT_MODIFIED_FIELDS = frozenset(
         "surrogate-key",
     }
 )
-PASS_THROUGH_REQUEST_FIELDS = ("Range", "If-Range", "If-None-Match", "If-Modified-Since")
+# Request fields never sent upstream on a cache fill: the fill asks for the whole identity
+# representation, unconditionally (or with the cache's own validators).
+NOT_FORWARDED_ON_FILL = HOP_BY_HOP | {
+    "host",
+    "range",
+    "if-range",
+    "if-none-match",
+    "if-modified-since",
+    "if-match",
+    "if-unmodified-since",
+    "accept-encoding",
+    "content-length",
+    "cache-control",
+    "pragma",
+}
+RETRY_STATUSES = frozenset({502, 503, 504})
 CHUNK = 256 * 1024
+TOO_LARGE_MEMO_SECONDS = 60.0
 
 
 def end_to_end(
@@ -99,35 +130,31 @@ def end_to_end(
     return tuple((k, v) for k, v in headers.items() if k.lower() not in drop | named)
 
 
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """A whole upstream response, buffered."""
+@dataclass(slots=True)
+class FillJob:
+    """A fill in flight and what its readers need to interpret it."""
 
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    age: policy.AgeInputs
-    lifetime: float | None
-    etag: str | None
-    last_modified: float | None
-    upstream_cache: str | None  # the upstream's X-Cache, reported after ours on a MISS
-    storable: bool
-    shareable: bool
-
-
-@dataclass(frozen=True, slots=True)
-class TooLarge:
-    """The object exceeds what the cache buffers; every requester streams it through."""
-
-
-Fill = Fetched | TooLarge
+    fill: Fill
+    request_headers: dict[str, str]  # the leader's (lower-case) request fields, for Vary
+    stale: CachedResponse | None  # the entry being revalidated, if any
+    task: asyncio.Task[None] | None = None
+    updated: CachedResponse | None = None  # set when upstream answered 304
+    fields: tuple[str, ...] = ()  # the response's Vary fields
+    storable: bool = False
+    shareable: bool = False
+    too_large: bool = False
+    age: policy.AgeInputs | None = None
+    etag: str | None = None
+    last_modified: float | None = None
+    waiters: int = field(default=0)
+    invalidated: bool = False  # purged/invalidated while in flight: never stored
 
 
 class CacheEngine:
     def __init__(
         self,
         tier: str,
-        upstreams: list[str],
+        pool: UpstreamPool,
         storage: CacheStorage,
         *,
         timeout_seconds: float,
@@ -135,26 +162,46 @@ class CacheEngine:
         default_ttl: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not upstreams:
-            raise ValueError(f"{tier}: at least one upstream is required")
         self.tier = tier
-        self.upstreams = [u.rstrip("/") for u in upstreams]
+        self.pool = pool
         self.storage = storage
         self.timeout_seconds = timeout_seconds
         self.max_object_bytes = max_object_bytes
         self.default_ttl = default_ttl
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
-        self._fills: dict[str, asyncio.Task[Fill]] = {}
+        self._fills: dict[str, FillJob] = {}
+        self._vary: dict[str, tuple[str, ...]] = {}  # primary key -> Vary fields learned
+        self._too_large: dict[str, float] = {}  # primary key -> until when to pass it through
+        self._background: set[asyncio.Task[None]] = set()
         self._via = f"1.1 vodstack-{tier}"  # RFC 9110 §7.6.3
 
     @classmethod
-    def from_settings(cls, settings: Settings, tier: str, upstreams: list[str]) -> CacheEngine:
-        """An engine with a memory cache of `settings.cache_bytes[tier]` bytes."""
+    def from_settings(
+        cls,
+        settings: Settings,
+        tier: str,
+        upstreams: list[str],
+        *,
+        fallback: list[str] | None = None,
+        storage: CacheStorage | None = None,
+        health_path: str | None = "/healthz",
+    ) -> CacheEngine:
+        """An engine over `upstreams` (and `fallback` when none is usable), with a memory cache
+        of `settings.cache_bytes[tier]` bytes unless a storage is given. `health_path=None` for
+        foreign upstreams that have no /healthz (passive health and breakers only)."""
+        if storage is None:
+            storage = MemoryStorage(settings.cache_bytes.get(tier, 0), settings.max_object_bytes)
         return cls(
             tier,
-            upstreams,
-            MemoryStorage(settings.cache_bytes.get(tier, 0), settings.max_object_bytes),
+            UpstreamPool(
+                tier,
+                upstreams,
+                fallback=fallback,
+                health_path=health_path,
+                read_timeout=settings.upstream_timeout_seconds,
+            ),
+            storage,
             timeout_seconds=settings.upstream_timeout_seconds,
             max_object_bytes=settings.max_object_bytes,
         )
@@ -172,10 +219,18 @@ class CacheEngine:
             auto_decompress=False,
             connector=aiohttp.TCPConnector(limit=1024, ttl_dns_cache=60),
         )
+        await self.storage.open()
+        await self.pool.start(self._session)
+        self._gauges()
 
     async def close(self) -> None:
-        for task in list(self._fills.values()):
+        for job in list(self._fills.values()):
+            if job.task is not None:
+                job.task.cancel()
+        for task in list(self._background):
             task.cancel()
+        await self.pool.close()
+        await self.storage.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -190,188 +245,380 @@ class CacheEngine:
         metrics.CACHE_BYTES.labels(self.tier).set(self.storage.bytes_used)
         metrics.CACHE_OBJECTS.labels(self.tier).set(len(self.storage))
 
+    def _count(self, result: str) -> None:
+        metrics.CACHE_RESULTS.labels(self.tier, result).inc()
+
     # The driver ----------------------------------------------------------------------------
     async def serve(self, request: web.Request, key: str, upstream_path: str) -> web.StreamResponse:
-        """Answer a GET or HEAD for cache key `key`, filling from `upstream_path` on a miss."""
+        """Answer a GET or HEAD for primary cache key `key`, filling from `upstream_path`."""
+        req = policy.fold_headers(request.headers.items())
         now = self.clock()
-        entry = self.storage.get(key)
-        if entry is not None:
-            age = policy.current_age(entry.age, now)
-            if policy.is_fresh(entry.lifetime, age):
-                metrics.CACHE_RESULTS.labels(self.tier, "hit").inc()
-                return self._answer(request, entry, f"{self.tier}=HIT", age)
-            # Stale: revalidation (RFC 9111 §4.3) is not implemented yet, so refetch.
-            self.storage.delete(key)
-            self._gauges()
+        if "authorization" in req or "cookie" in req or self._too_large.get(key, 0) > now:
+            self._count("pass")
+            return await self._pass_through(request, upstream_path, key)
 
-        task = self._fills.get(key)
-        leader = task is None
-        if task is None:
-            task = asyncio.create_task(self._fill(key, upstream_path))
-            self._fills[key] = task
-            task.add_done_callback(partial(self._fill_done, key))
-        # shield: a requester going away must not cancel the fill the others wait on.
-        fill = await asyncio.shield(task)
-
-        if isinstance(fill, TooLarge):
-            metrics.CACHE_RESULTS.labels(self.tier, "bypass").inc()
-            return await self._pass_through(request, upstream_path)
-        if leader:
-            metrics.CACHE_RESULTS.labels(self.tier, "miss").inc()
-            return self._answer(request, fill, self._miss_label(fill), self._age(fill))
-        if fill.shareable:
-            metrics.CACHE_RESULTS.labels(self.tier, "collapsed").inc()
-            return self._answer(request, fill, f"{self.tier}=HIT", self._age(fill))
-        # Not shareable (e.g. a non-storable 200): this waiter fetches for itself, unstored.
-        metrics.CACHE_RESULTS.labels(self.tier, "miss").inc()
-        own = await self._fill(None, upstream_path)
-        if isinstance(own, TooLarge):
-            return await self._pass_through(request, upstream_path)
-        return self._answer(request, own, self._miss_label(own), self._age(own))
-
-    def _fill_done(self, key: str, task: asyncio.Task[Fill]) -> None:
-        if self._fills.get(key) is task:
-            del self._fills[key]
-        if not task.cancelled():
-            task.exception()  # mark retrieved: every requester may have gone away
-
-    def _miss_label(self, fill: Fetched) -> str:
-        label = f"{self.tier}=MISS"
-        return f"{label}, {fill.upstream_cache}" if fill.upstream_cache else label
-
-    def _age(self, fill: Fetched) -> float:
-        return policy.current_age(fill.age, self.clock())
-
-    # Upstream ------------------------------------------------------------------------------
-    async def _open(
-        self,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        client_timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
-        """Send a request to the first upstream that accepts a connection."""
-        for base in self.upstreams:
-            t0 = time.perf_counter()
+        own = False  # True: this request must fetch for itself (an unshareable response)
+        for _ in range(3):
+            fields = self._vary.get(key, ())
+            vkey = variant_key(key, fields, req)
+            entry = self.storage.get(vkey)
+            if entry is not None:
+                age = policy.current_age(entry.age, now)
+                if policy.is_fresh(entry.lifetime, age):
+                    self._count("hit")
+                    return await self._answer_entry(request, entry, f"{self.tier}=HIT", age)
+                rules = policy.stale_rules(policy.fold_headers(entry.headers))
+                use = policy.usability(entry.lifetime, age, rules)
+                if use is policy.Use.STALE_REVALIDATE_BEHIND:
+                    self._join_or_start(vkey, key, upstream_path, req, entry)
+                    self._count("stale")
+                    return await self._answer_entry(request, entry, f"{self.tier}=STALE", age)
+            job = (
+                self._start_private(key, upstream_path, req, entry)
+                if own
+                else self._join_or_start(vkey, key, upstream_path, req, entry)
+            )
+            leader = own or job.waiters == 0
+            job.waiters += 1
             try:
-                resp = await self.session.request(
-                    method,
-                    yarl.URL(base + path, encoded=True),
-                    headers=headers,
-                    timeout=client_timeout,
-                    allow_redirects=False,
+                head = await job.fill.head()
+            except FillFailed as e:
+                stale = self._stale_on_error(entry, now)
+                if stale is not None:
+                    return await self._serve_stale(request, stale)
+                raise _upstream_error(e) from None
+            if job.too_large:
+                self._count("pass")
+                return await self._pass_through(request, upstream_path, key)
+            if job.updated is not None:  # 304: the stored response is fresh again
+                self._count("revalidated")
+                age = policy.current_age(job.updated.age, self.clock())
+                return await self._answer_entry(
+                    request, job.updated, f"{self.tier}=REVALIDATED", age
                 )
-            except TimeoutError:
-                metrics.UPSTREAM_FETCHES.labels(self.tier, "timeout").inc()
-                raise ApiError(UPSTREAM_TIMEOUT) from None
-            except aiohttp.ClientConnectionError as e:
-                metrics.UPSTREAM_FETCHES.labels(self.tier, "error").inc()
-                log.warning("%s: upstream %s failed: %r", self.tier, base, e)
-                continue  # try the next upstream
-            metrics.UPSTREAM_LATENCY.labels(self.tier).observe(time.perf_counter() - t0)
-            metrics.UPSTREAM_FETCHES.labels(self.tier, str(resp.status)).inc()
-            return resp
-        raise ApiError(UPSTREAM_FAILED, "no upstream could be reached")
+            if head.status >= 500 and entry is not None:
+                stale = self._stale_on_error(entry, now)
+                if stale is not None:
+                    return await self._serve_stale(request, stale)
+            if not leader and (
+                not job.shareable
+                or job.fields == STAR
+                or not same_variant(job.fields, job.request_headers, req)
+            ):
+                # Vary says this response is for another variant, or it may not be shared:
+                # go around again (Vary is now learned, so another key is looked up).
+                own = not job.shareable
+                continue
+            self._count("miss" if leader else "collapsed")
+            label = f"{self.tier}=MISS" if leader else f"{self.tier}=HIT"
+            if leader and head.upstream_cache:
+                label = f"{label}, {head.upstream_cache}"
+            return await self._answer_fill(request, job, head, label)
+        raise ApiError(UPSTREAM_FAILED, "the upstream's Vary answers did not settle")
 
-    async def _fill(self, key: str | None, path: str) -> Fill:
-        """Fetch the whole object; store it under `key` when storable (None: never store)."""
-        headers = {"Accept-Encoding": "identity", "Via": self._via}
-        timeout = aiohttp.ClientTimeout(total=self.timeout_seconds)
-        request_time = self.clock()
-        resp = await self._open("GET", path, headers, timeout)
+    async def _serve_stale(self, request: web.Request, entry: CachedResponse) -> web.StreamResponse:
+        """Serve a stale entry because upstream failed (RFC 5861 §4 stale-if-error)."""
+        self._count("stale")
+        age = policy.current_age(entry.age, self.clock())
+        return await self._answer_entry(request, entry, f"{self.tier}=STALE", age)
+
+    def _stale_on_error(self, entry: CachedResponse | None, now: float) -> CachedResponse | None:
+        if entry is None:
+            return None
+        age = policy.current_age(entry.age, now)
+        rules = policy.stale_rules(policy.fold_headers(entry.headers))
+        return entry if policy.may_serve_stale_on_error(entry.lifetime, age, rules) else None
+
+    # Fills ---------------------------------------------------------------------------------
+    def _join_or_start(
+        self,
+        vkey: str,
+        key: str,
+        path: str,
+        req: dict[str, str],
+        stale: CachedResponse | None,
+    ) -> FillJob:
+        job = self._fills.get(vkey)
+        if job is not None:
+            return job
+        job = FillJob(Fill(), req, stale)
+        self._fills[vkey] = job
+        job.task = asyncio.create_task(self._run_fill(job, vkey, key, path))
+        job.task.add_done_callback(lambda _t: self._fill_done(vkey, job))
+        return job
+
+    def _start_private(
+        self, key: str, path: str, req: dict[str, str], stale: CachedResponse | None
+    ) -> FillJob:
+        job = FillJob(Fill(), req, stale)
+        job.task = asyncio.create_task(self._run_fill(job, None, key, path))
+        self._background.add(job.task)
+        job.task.add_done_callback(self._background.discard)
+        return job
+
+    def _fill_done(self, vkey: str, job: FillJob) -> None:
+        if self._fills.get(vkey) is job:
+            del self._fills[vkey]
+
+    def _fill_request_headers(self, req: Mapping[str, str]) -> dict[str, str]:
+        headers = {k: v for k, v in req.items() if k not in NOT_FORWARDED_ON_FILL}
+        headers["accept-encoding"] = "identity"
+        headers["via"] = f"{req['via']}, {self._via}" if "via" in req else self._via
+        return headers
+
+    async def _run_fill(self, job: FillJob, vkey: str | None, key: str, path: str) -> None:
+        """The producer: fetch from upstream, publish head and bytes, store when complete."""
+        fill = job.fill
+        headers = self._fill_request_headers(job.request_headers)
+        if job.stale is not None:
+            # RFC 9111 §4.3.1: validate with the stored validators.
+            if job.stale.etag:
+                headers["if-none-match"] = job.stale.etag
+            lm = dict((k.lower(), v) for k, v in job.stale.headers).get("last-modified")
+            if lm:
+                headers["if-modified-since"] = lm
         try:
-            async with resp:
+            async with self._fetch(key, path, headers) as (resp, request_time):
                 response_time = self.clock()
-                if resp.content_length is not None and resp.content_length > self.max_object_bytes:
-                    return TooLarge()
-                body = await self._read_capped(resp)
-                if body is None:
-                    return TooLarge()
+                folded = policy.fold_headers(resp.headers.items())
+                job.age = policy.age_inputs(
+                    folded, request_time=request_time, response_time=response_time
+                )
+                if resp.status == 304 and job.stale is not None and vkey is not None:
+                    job.updated = await self._apply_304(vkey, job.stale, resp, job.age)
+                    fill.set_head(Head(304, (), 0, resp.headers.get("X-Cache")))
+                    fill.finish()
+                    return
+                await self._stream_response(job, vkey, key, resp, folded, response_time)
+        except ApiError as e:
+            fill.fail(FillFailed(f"{e.kind.code}: {e.message}"))
+        except FillFailed as e:
+            fill.fail(e)
+        except asyncio.CancelledError:
+            fill.fail(FillFailed("the fill was cancelled"))
+            raise
+        except Exception as e:  # never let a reader hang on a producer that died
+            log.exception("%s: fill of %s failed", self.tier, path)
+            fill.fail(FillFailed(f"internal: {type(e).__name__}"))
+
+    async def _stream_response(
+        self,
+        job: FillJob,
+        vkey: str | None,
+        key: str,
+        resp: aiohttp.ClientResponse,
+        folded: dict[str, str],
+        response_time: float,
+    ) -> None:
+        fill = job.fill
+        length = resp.content_length
+        job.fields = vary_fields(folded.get("vary"))
+        job.storable = vkey is not None and policy.is_storable(
+            resp.status, folded, default_ttl=self.default_ttl
+        )
+        if vkey is not None:
+            # Learn Vary now, before the body: waiters of another variant must look up (and
+            # fill) their own variant key at once instead of joining this fill again.
+            if job.fields and job.fields != STAR:
+                self._vary[key] = job.fields
+            elif job.storable:
+                self._vary.pop(key, None)
+        job.shareable = policy.shareable_with_waiters(resp.status, folded, job.storable)
+        job.etag = folded.get("etag")
+        job.last_modified = policy.parse_http_date(folded.get("last-modified"))
+        head = Head(
+            resp.status,
+            end_to_end(resp.headers, NOT_STORED),
+            length,
+            resp.headers.get("X-Cache"),
+        )
+        if length is not None and length > self.max_object_bytes:
+            job.too_large = True
+            self._too_large[key] = self.clock() + TOO_LARGE_MEMO_SECONDS
+            fill.set_head(head)
+            fill.finish_unread()  # readers stream it themselves (PASS)
+            return
+        fill.set_head(head)
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                fill.append(chunk)
+                if fill.received > self.max_object_bytes:
+                    self._too_large[key] = self.clock() + TOO_LARGE_MEMO_SECONDS
+                    raise FillFailed("the body outgrew max_object_bytes without Content-Length")
         except TimeoutError:
             metrics.UPSTREAM_FETCHES.labels(self.tier, "timeout").inc()
-            raise ApiError(UPSTREAM_TIMEOUT, "the upstream timed out sending the body") from None
+            raise FillFailed("the upstream timed out sending the body") from None
         except aiohttp.ClientError as e:
             # Includes ClientPayloadError: the body ended before Content-Length.
             metrics.UPSTREAM_FETCHES.labels(self.tier, "error").inc()
-            raise ApiError(
-                UPSTREAM_FAILED, f"the upstream failed mid-body: {type(e).__name__}"
-            ) from None
-
-        folded = policy.fold_headers(resp.headers.items())
-        storable = policy.is_storable(resp.status, folded, default_ttl=self.default_ttl)
-        fetched = Fetched(
-            status=resp.status,
-            headers=end_to_end(resp.headers, NOT_STORED),
-            body=body,
-            age=policy.age_inputs(folded, request_time=request_time, response_time=response_time),
-            lifetime=policy.freshness_lifetime(
-                folded, response_time=response_time, default_ttl=self.default_ttl
-            ),
-            etag=folded.get("etag"),
-            last_modified=policy.parse_http_date(folded.get("last-modified")),
-            upstream_cache=resp.headers.get("X-Cache"),
-            storable=storable,
-            shareable=policy.shareable_with_waiters(resp.status, folded, storable),
+            raise FillFailed(f"the upstream failed mid-body: {type(e).__name__}") from None
+        fill.finish()
+        if fill.error is not None or not job.storable or vkey is None or job.invalidated:
+            return
+        assert job.age is not None
+        rules = policy.stale_rules(folded)
+        lifetime = policy.freshness_lifetime(
+            folded, response_time=response_time, default_ttl=self.default_ttl
         )
-        if key is not None and storable:
-            self.storage.put(
-                CachedResponse(
-                    key=key,
-                    status=fetched.status,
-                    headers=fetched.headers,
-                    body=fetched.body,
-                    age=fetched.age,
-                    lifetime=fetched.lifetime,
-                    etag=fetched.etag,
-                    last_modified=fetched.last_modified,
-                )
-            )
-            self._gauges()
-        return fetched
+        entry = CachedResponse(
+            # stored under the variant the leader's request selects (Vary may be new to us)
+            key=variant_key(key, job.fields, job.request_headers),
+            status=resp.status,
+            headers=head.headers,
+            body=fill.body(),
+            age=job.age,
+            # no-cache: stored, but stale from the start so every use revalidates
+            lifetime=0.0 if rules.no_cache else lifetime,
+            etag=job.etag,
+            last_modified=job.last_modified,
+            size=fill.received,
+        )
+        await self.storage.put(entry)
+        self._gauges()
 
-    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes | None:
-        """The whole body, or None once it exceeds max_object_bytes (no Content-Length case)."""
-        chunks: list[bytes] = []
-        n = 0
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            n += len(chunk)
-            if n > self.max_object_bytes:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+    async def _apply_304(
+        self,
+        vkey: str,
+        stale: CachedResponse,
+        resp: aiohttp.ClientResponse,
+        age: policy.AgeInputs,
+    ) -> CachedResponse:
+        """Freshen the stored response from a 304 (RFC 9111 §4.3.4)."""
+        headers = policy.merge_304(stale.headers, end_to_end(resp.headers, NOT_STORED))
+        folded = policy.fold_headers(headers)
+        rules = policy.stale_rules(folded)
+        lifetime = policy.freshness_lifetime(
+            folded, response_time=age.response_time, default_ttl=self.default_ttl
+        )
+        new_lifetime = 0.0 if rules.no_cache else lifetime
+        etag = folded.get("etag", stale.etag)
+        last_modified = policy.parse_http_date(folded.get("last-modified")) or stale.last_modified
+        updated = await self.storage.update(
+            vkey,
+            headers=headers,
+            age=age,
+            lifetime=new_lifetime,
+            etag=etag,
+            last_modified=last_modified,
+        )
+        if updated is not None:
+            return updated
+        # evicted meanwhile: answer from the refreshed copy we hold
+        return stale.refreshed(
+            headers=headers, age=age, lifetime=new_lifetime, etag=etag, last_modified=last_modified
+        )
+
+    # Upstream ------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _fetch(
+        self,
+        key: str,
+        path: str,
+        headers: dict[str, str],
+        method: str = "GET",
+        body: AsyncIterator[bytes] | None = None,
+    ) -> AsyncIterator[tuple[aiohttp.ClientResponse, float]]:
+        """Open `path` on the first usable upstream for `key`; yields (response, request_time).
+
+        Moves on to the next upstream on a connection error, a timeout before the head, or a
+        502/503/504 (nothing has reached a client yet). The fallback's concurrency slot is held
+        for the whole response.
+        """
+        timeout = self.pool.client_timeout
+        plan = self.pool.plan(key)
+        if body is not None:
+            plan = plan[:1]  # a streamed request body cannot be sent twice
+        if not plan:
+            raise ApiError(UPSTREAM_FAILED, "no upstream is configured or usable")
+        last_error: ApiError | None = None
+        for i, up in enumerate(plan):
+            is_last = i == len(plan) - 1
+            async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(self.pool.slot(up))
+                request_time = self.clock()
+                t0 = time.perf_counter()
+                try:
+                    resp = await self.session.request(
+                        method,
+                        yarl.URL(up.base + path, encoded=True),
+                        headers=headers,
+                        timeout=timeout,
+                        allow_redirects=False,
+                        data=body,
+                    )
+                except TimeoutError:
+                    metrics.UPSTREAM_FETCHES.labels(self.tier, "timeout").inc()
+                    self.pool.report(up, ok=False)
+                    last_error = ApiError(UPSTREAM_TIMEOUT)
+                    continue
+                except aiohttp.ClientError as e:
+                    metrics.UPSTREAM_FETCHES.labels(self.tier, "error").inc()
+                    self.pool.report(up, ok=False)
+                    log.warning("%s: upstream %s failed: %r", self.tier, up.base, e)
+                    last_error = ApiError(UPSTREAM_FAILED, "no upstream could be reached")
+                    continue
+                stack.push_async_callback(_release, resp)
+                metrics.UPSTREAM_LATENCY.labels(self.tier).observe(time.perf_counter() - t0)
+                metrics.UPSTREAM_FETCHES.labels(self.tier, str(resp.status)).inc()
+                # A shield's 502/504 means *its* upstream failed: not the shield's fault, so it
+                # does not count against its breaker, but another shield may still have it.
+                self.pool.report(up, ok=response_ok(resp.status))
+                if resp.status in RETRY_STATUSES and not is_last and method in ("GET", "HEAD"):
+                    continue
+                yield resp, request_time
+                return
+        raise last_error or ApiError(UPSTREAM_FAILED, "no upstream could be reached")
 
     # Answers -------------------------------------------------------------------------------
-    def _answer(
-        self, request: web.Request, obj: CachedResponse | Fetched, x_cache: str, age: float
-    ) -> web.Response:
-        headers: CIMultiDict[str] = CIMultiDict(obj.headers)
-        headers["X-Cache"] = x_cache
-        if obj.status != 200:
-            # Upstream errors and redirects pass through as they are (a 404 stays a 404).
-            metrics.BYTES_SENT.labels(self.tier).inc(
-                0 if request.method == "HEAD" else len(obj.body)
-            )
-            return web.Response(status=obj.status, body=obj.body, headers=headers)
-        headers["Age"] = str(int(max(0.0, age)))  # RFC 9111 §5.1
-        headers["Accept-Ranges"] = "bytes"
-        size = len(obj.body)
-        sel = conditional.select(
+    def _base_headers(
+        self, headers: tuple[tuple[str, str], ...], x_cache: str, age: float | None
+    ) -> CIMultiDict[str]:
+        out: CIMultiDict[str] = CIMultiDict(headers)
+        out["X-Cache"] = x_cache
+        if age is not None:
+            out["Age"] = str(int(max(0.0, age)))  # RFC 9111 §5.1
+        return out
+
+    def _select(
+        self,
+        request: web.Request,
+        size: int,
+        etag: str | None,
+        last_modified: float | None,
+    ) -> conditional.Selection:
+        return conditional.select(
             request.method,
             policy.fold_headers(request.headers.items()),
             size=size,
-            etag=obj.etag,
-            last_modified=obj.last_modified,
+            etag=etag,
+            last_modified=last_modified,
         )
-        body = obj.body
-        status = 200
+
+    def _not_modified(self, headers: CIMultiDict[str]) -> web.Response:
+        keep: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in headers.items() if k.lower() in NOT_MODIFIED_FIELDS
+        )
+        keep["X-Cache"] = headers["X-Cache"]
+        if "Age" in headers:
+            keep["Age"] = headers["Age"]
+        return web.Response(status=304, headers=keep)
+
+    async def _answer_entry(
+        self, request: web.Request, entry: CachedResponse, x_cache: str, age: float
+    ) -> web.StreamResponse:
+        headers = self._base_headers(entry.headers, x_cache, age)
+        if entry.status != 200:
+            body = b"" if request.method == "HEAD" else (entry.body or b"")
+            if entry.body is None and entry.body_path is not None and request.method != "HEAD":
+                body = await asyncio.to_thread(entry.body_path.read_bytes)
+            return web.Response(status=entry.status, body=body, headers=headers)
+        headers["Accept-Ranges"] = "bytes"
+        size = entry.size if entry.body is None else len(entry.body)
+        sel = self._select(request, size, entry.etag, entry.last_modified)
+        start, count, status = 0, size, 200
         match sel.outcome:
             case conditional.Outcome.NOT_MODIFIED:
-                keep = CIMultiDict(
-                    (k, v) for k, v in headers.items() if k.lower() in NOT_MODIFIED_FIELDS
-                )
-                keep["X-Cache"] = x_cache
-                keep["Age"] = headers["Age"]
-                return web.Response(status=304, headers=keep)
+                return self._not_modified(headers)
             case conditional.Outcome.UNSATISFIABLE:
                 raise ApiError(
                     RANGE_NOT_SATISFIABLE,
@@ -380,35 +627,96 @@ class CacheEngine:
             case conditional.Outcome.PARTIAL:
                 br = sel.range
                 assert br is not None
-                body = obj.body[br.start : br.end + 1]
+                start, count, status = br.start, br.length, 206
                 headers["Content-Range"] = br.content_range(size)
-                status = 206
             case conditional.Outcome.FULL:
                 pass
         if request.method != "HEAD":
-            metrics.BYTES_SENT.labels(self.tier).inc(len(body))
-        return web.Response(status=status, body=body, headers=headers)
+            metrics.BYTES_SENT.labels(self.tier).inc(count)
+        if entry.body is not None:
+            body = entry.body if count == size else entry.body[start : start + count]
+            return web.Response(status=status, body=body, headers=headers)
+        assert entry.body_path is not None
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = count
+        from vodcore.sendfile import send_file_range
 
-    async def _pass_through(self, request: web.Request, path: str) -> web.StreamResponse:
-        """Stream an object too large to cache, forwarding the client's Range and validators."""
-        headers = {"Accept-Encoding": "identity", "Via": self._via}
-        for name in PASS_THROUGH_REQUEST_FIELDS:
-            if name in request.headers:
-                headers[name] = request.headers[name]
-        # No total timeout: a large body may take long; stalls are bounded per read.
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.timeout_seconds, sock_read=self.timeout_seconds
-        )
-        method = "HEAD" if request.method == "HEAD" else "GET"
-        resp = await self._open(method, path, headers, timeout)
-        async with resp:
+        await send_file_range(request, resp, entry.body_path, start, count)
+        return resp
+
+    async def _answer_fill(
+        self, request: web.Request, job: FillJob, head: Head, x_cache: str
+    ) -> web.StreamResponse:
+        """Answer from a fill in flight: bytes go out as they arrive from upstream."""
+        fill = job.fill
+        age = policy.current_age(job.age, self.clock()) if job.age is not None else None
+        headers = self._base_headers(head.headers, x_cache, age)
+        start, count, status = 0, head.length, head.status
+        if head.status == 200:
+            headers["Accept-Ranges"] = "bytes"
+            if head.length is None and ("Range" in request.headers or request.method == "HEAD"):
+                # A range needs the size: without Content-Length, wait for the whole body.
+                try:
+                    await fill.wait_done()
+                except FillFailed as e:
+                    raise _upstream_error(e) from None
+            size = head.length if head.length is not None else fill.received
+            sel = self._select(request, size, job.etag, job.last_modified)
+            match sel.outcome:
+                case conditional.Outcome.NOT_MODIFIED:
+                    return self._not_modified(headers)
+                case conditional.Outcome.UNSATISFIABLE:
+                    raise ApiError(
+                        RANGE_NOT_SATISFIABLE,
+                        headers={"Content-Range": f"bytes */{size}", "X-Cache": x_cache},
+                    )
+                case conditional.Outcome.PARTIAL:
+                    br = sel.range
+                    assert br is not None
+                    start, count, status = br.start, br.length, 206
+                    headers["Content-Range"] = br.content_range(size)
+                case conditional.Outcome.FULL:
+                    count = size
+        resp = web.StreamResponse(status=status, headers=headers)
+        if count is not None:
+            resp.content_length = count
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
+        end = None if count is None else start + count
+        try:
+            async for chunk in fill.read(start, end):
+                await resp.write(chunk)
+                metrics.BYTES_SENT.labels(self.tier).inc(len(chunk))
+        except FillFailed as e:
+            log.warning("%s: fill failed mid-body: %s", self.tier, e)
+            _cut(request)
+            raise ConnectionResetError("upstream failed mid-body") from None
+        await resp.write_eof()
+        return resp
+
+    async def _pass_through(self, request: web.Request, path: str, key: str) -> web.StreamResponse:
+        """Stream a response that is not cached, forwarding the client's request as it is."""
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}
+        }
+        headers["Via"] = self._via
+        method = request.method
+        body: AsyncIterator[bytes] | None = None
+        if method not in ("GET", "HEAD") and request.body_exists:
+            body = request.content.iter_chunked(CHUNK)
+        async with self._fetch(key, path, headers, method=method, body=body) as (resp, _t):
             out = web.StreamResponse(status=resp.status)
             out.headers.extend(end_to_end(resp.headers, HOP_BY_HOP | {"x-cache", "server"}))
             upstream_cache = resp.headers.get("X-Cache")
             label = f"{self.tier}=MISS"
             out.headers["X-Cache"] = f"{label}, {upstream_cache}" if upstream_cache else label
+            if resp.content_length is not None:
+                out.content_length = resp.content_length
             await out.prepare(request)
             if method == "HEAD":
+                await out.write_eof()
                 return out
             try:
                 async for chunk in resp.content.iter_chunked(CHUNK):
@@ -417,6 +725,61 @@ class CacheEngine:
             except (aiohttp.ClientError, TimeoutError):
                 # Headers are gone already: cutting the connection is the only honest signal
                 # that the body is incomplete (RFC 9112 §6.3).
+                _cut(request)
                 raise ConnectionResetError("upstream failed mid-body") from None
             await out.write_eof()
             return out
+
+    async def forward_unsafe(
+        self, request: web.Request, key: str, path: str, key_for: Callable[[str], str]
+    ) -> web.StreamResponse:
+        """Forward POST/PUT/DELETE/PATCH; after a non-error answer invalidate what is stored
+        for the target and same-origin Location/Content-Location (RFC 9111 §4.4)."""
+        self._count("pass")
+        resp = await self._pass_through(request, path, key)
+        targets = policy.invalidation_targets(
+            request.method,
+            resp.status,
+            request.raw_path,
+            resp.headers.get("Location"),
+            resp.headers.get("Content-Location"),
+        )
+        for target in targets:
+            await self.invalidate(key_for(target))
+        return resp
+
+    async def invalidate(self, key: str) -> int:
+        """Drop every stored variant of primary key `key`; returns how many."""
+
+        def matches(k: str) -> bool:
+            return k == key or k.startswith(key + "\n")
+
+        # A fill in flight would store what was just invalidated: fence it off, and let the
+        # next request start a fresh one.
+        for vkey in [k for k in self._fills if matches(k)]:
+            self._fills.pop(vkey).invalidated = True
+        victims = [k for k in self.storage.keys() if matches(k)]
+        for k in victims:
+            await self.storage.delete(k)
+        self._vary.pop(key, None)
+        if victims:
+            self._gauges()
+        return len(victims)
+
+
+async def _release(resp: aiohttp.ClientResponse) -> None:
+    resp.release()
+
+
+def _cut(request: web.Request) -> None:
+    """Abort the client connection so a partial body is never taken for a whole one."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort() if hasattr(transport, "abort") else transport.close()
+
+
+def _upstream_error(e: FillFailed) -> ApiError:
+    msg = str(e)
+    if msg.startswith("upstream_timeout") or "timed out" in msg:
+        return ApiError(UPSTREAM_TIMEOUT, msg)
+    return ApiError(UPSTREAM_FAILED, msg)

@@ -3,23 +3,28 @@
 Rules this module holds:
 - Header maps use lower-case field names; a repeated field is folded into one value joined by
   ", " (RFC 9110 §5.3). `fold_headers` builds such a map from raw (name, value) pairs.
-- A response is stored only if RFC 9111 §3 allows a *shared* cache to store it, restricted
-  further to what the engine can serve today: status 200 with a whole body, no `no-store`, no
-  `private`, no `no-cache` (it would need revalidation on every use, which the engine does not do
-  yet), no `Vary` other than Accept-Encoding (the engine always fetches identity), and an explicit
-  freshness lifetime (or a configured default TTL standing in for the heuristic of §4.2.2).
+- A response is stored only if RFC 9111 §3 allows a *shared* cache to store it: a status the
+  cache understands with a whole body (never 206), no `no-store`, no `private`, not `Vary: *`,
+  and an explicit freshness lifetime (or a configured default TTL standing in for the heuristic
+  of §4.2.2). `no-cache` responses are stored but revalidated on every use (§5.2.2.4).
+- Stale responses: `stale-while-revalidate` (RFC 5861 §3) lets a stale response be served while
+  one background revalidation runs; `stale-if-error` (RFC 5861 §4) lets it be served when
+  revalidation fails; `must-revalidate` / `proxy-revalidate` / `s-maxage` forbid serving stale
+  at all (RFC 9111 §5.2.2.2, §5.2.2.8, §5.2.2.10).
 - Time is always a parameter (`now`, `request_time`, `response_time` in epoch seconds); nothing
   here reads a clock, opens a socket or imports asyncio.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-# Statuses RFC 9111 §4.2.2 calls heuristically cacheable; only 200 is stored for now.
-STORABLE_STATUSES = frozenset({200})
+# RFC 9110 §15.1: statuses cacheable by default (heuristically cacheable), minus 206 which
+# the engine never stores (it stores whole representations only).
+STORABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 
 
 def fold_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -128,17 +133,13 @@ def is_storable(
         return False  # RFC 9111 §5.2.2.5
     if "private" in cc:
         return False  # RFC 9111 §5.2.2.7: a shared cache must not store it
-    if "no-cache" in cc:
-        return False  # RFC 9111 §5.2.2.4: storable, but needs revalidation we do not do yet
     vary = response_headers.get("vary")
-    if vary is not None:
-        fields = {f.strip().lower() for f in vary.split(",") if f.strip()}
-        if fields - {"accept-encoding"}:
-            return False  # RFC 9111 §4.1: secondary keys are not implemented yet ("*" never)
+    if vary is not None and "*" in {f.strip() for f in vary.split(",")}:
+        return False  # RFC 9111 §4.1: Vary: * never matches a later request
     if "authorization" in req and not ({"public", "s-maxage", "must-revalidate"} & cc.keys()):
         return False  # RFC 9111 §3.5
     # RFC 9111 §3: explicit freshness (s-maxage, max-age, Expires, public) or a heuristic.
-    has_explicit = bool({"s-maxage", "max-age", "public"} & cc.keys()) or (
+    has_explicit = bool({"s-maxage", "max-age", "public", "no-cache"} & cc.keys()) or (
         "expires" in response_headers
     )
     return has_explicit or default_ttl is not None
@@ -195,3 +196,94 @@ def current_age(a: AgeInputs, now: float) -> float:
 def is_fresh(lifetime: float | None, age: float) -> bool:
     """RFC 9111 §4.2: fresh while freshness_lifetime > current_age."""
     return lifetime is not None and lifetime > age
+
+
+@dataclass(frozen=True, slots=True)
+class StaleRules:
+    """What a stored response allows once it is stale (lower-case Cache-Control of the response)."""
+
+    no_cache: bool  # RFC 9111 §5.2.2.4: revalidate before every use, even when fresh
+    never_stale: bool  # must-revalidate, proxy-revalidate or s-maxage (§5.2.2.2, .8, .10)
+    while_revalidate: float  # RFC 5861 §3, seconds past expiry
+    if_error: float  # RFC 5861 §4, seconds past expiry
+
+
+def stale_rules(headers: Mapping[str, str]) -> StaleRules:
+    cc = parse_cache_control(headers.get("cache-control"))
+    never = bool({"must-revalidate", "proxy-revalidate", "s-maxage"} & cc.keys())
+    swr = _delta_seconds(cc.get("stale-while-revalidate"))
+    sie = _delta_seconds(cc.get("stale-if-error"))
+    return StaleRules(
+        no_cache="no-cache" in cc,
+        never_stale=never,
+        while_revalidate=0.0 if never or swr is None else float(swr),
+        if_error=0.0 if never or sie is None else float(sie),
+    )
+
+
+class Use(enum.Enum):
+    FRESH = "fresh"  # serve as is
+    STALE_REVALIDATE_BEHIND = "swr"  # serve stale now, revalidate in the background
+    REVALIDATE = "revalidate"  # revalidate first (conditional request upstream)
+
+
+def usability(lifetime: float | None, age: float, rules: StaleRules) -> Use:
+    """How a stored response may answer a request now (RFC 9111 §4.2, §4.3; RFC 5861)."""
+    if rules.no_cache:
+        return Use.REVALIDATE
+    if is_fresh(lifetime, age):
+        return Use.FRESH
+    staleness = age - (lifetime or 0.0)
+    if staleness < rules.while_revalidate:
+        return Use.STALE_REVALIDATE_BEHIND
+    return Use.REVALIDATE
+
+
+def may_serve_stale_on_error(lifetime: float | None, age: float, rules: StaleRules) -> bool:
+    """After a failed revalidation (5xx or no upstream), may the stale response be used?"""
+    if rules.never_stale:
+        return False
+    return age - (lifetime or 0.0) < rules.if_error
+
+
+# RFC 9111 §3.2: fields a 304 must not change in the stored response.
+NOT_UPDATED_BY_304 = frozenset({"content-length", "content-encoding", "content-range", "etag"})
+
+
+def merge_304(
+    stored: tuple[tuple[str, str], ...], fresh: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """Stored header fields updated from a 304's fields (RFC 9111 §3.2, §4.3.4).
+
+    Every field in the 304 replaces the stored field of the same name, except those the stored
+    body depends on; fields only in the stored response stay.
+    """
+    incoming: dict[str, list[tuple[str, str]]] = {}
+    for k, v in fresh:
+        if k.lower() not in NOT_UPDATED_BY_304:
+            incoming.setdefault(k.lower(), []).append((k, v))
+    out = [(k, v) for k, v in stored if k.lower() not in incoming]
+    for pairs in incoming.values():
+        out.extend(pairs)
+    return tuple(out)
+
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+
+
+def invalidation_targets(
+    method: str, status: int, target: str, location: str | None, content_location: str | None
+) -> list[str]:
+    """Paths whose stored responses an unsafe request invalidates (RFC 9111 §4.4).
+
+    Only after a non-error response (2xx/3xx). `target` is the request's path (with query);
+    Location and Content-Location count only when they are same-origin paths (a relative
+    reference or an absolute path), since a cache must not invalidate another origin's URIs.
+    """
+    if method.upper() not in UNSAFE_METHODS or not 200 <= status < 400:
+        return []
+    out = [target]
+    for ref in (location, content_location):
+        if ref and ref.startswith("/") and not ref.startswith("//") and ref not in out:
+            out.append(ref)
+    return out

@@ -1,21 +1,30 @@
-"""Where the cache keeps whole responses: a small core interface and the memory backend.
+"""Where the cache keeps whole responses: the core interface and the memory backend.
 
 Rules:
-- An entry is a whole 200 response: status, the end-to-end headers worth replaying, the full
-  body, and what RFC 9111 §4.2.3 needs to compute its age. Partial (206) bodies are never stored.
-- A backend is bounded in bytes (body plus a header estimate). An entry larger than
+- An entry is a whole 200 response: status, the end-to-end headers worth replaying, the body,
+  and what RFC 9111 §4.2.3 needs to compute its age. Partial (206) bodies are never stored.
+  A memory entry carries `body` (bytes); a disk entry carries `body_path` (a file holding
+  exactly the body, for sendfile) and `body=None`. `size` is the body's length either way.
+- A backend is bounded in bytes (`charge`: body plus a header estimate). An entry larger than
   `max_object_bytes` or than the whole budget is refused (`put` returns False) and the caller
-  passes it through; otherwise least-recently-used entries are evicted until it fits.
-- Backends do no I/O on the event loop beyond memory; a disk backend (issue 3) implements the
-  same four methods.
+  passes it through. Which entries stay is the admission/eviction policy's decision
+  (`vodcore.cache.admission`, W-TinyLFU by default): `put` may also return False because the
+  policy did not admit the entry, and may evict others.
+- `get` is synchronous (an index lookup) and is the one place a request is counted for the
+  policy, hit or miss; `put` after a miss's fill does not count again.
+- Backends: `MemoryStorage` here, `DiskStorage` (`disk.py`), `TieredStorage` (`tiered.py`).
+  Backends do no blocking I/O on the event loop.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import dataclasses
+from collections.abc import Iterator, KeysView
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+from vodcore.cache.admission import EvictionPolicy, WTinyLFU
 from vodcore.cache.policy import AgeInputs
 
 ENTRY_OVERHEAD = 256  # bookkeeping per entry, so many tiny objects still count against the budget
@@ -26,11 +35,19 @@ class CachedResponse:
     key: str
     status: int
     headers: tuple[tuple[str, str], ...]  # end-to-end fields, original case, no Date/Age
-    body: bytes
+    body: bytes | None  # None for a disk entry: read `body_path`
     age: AgeInputs
     lifetime: float | None  # freshness lifetime (RFC 9111 §4.2.1) fixed when stored
     etag: str | None
     last_modified: float | None
+    size: int = 0  # body length in bytes; filled in from `body` when left 0
+    body_path: Path | None = None  # disk entries: the file holding exactly the body
+
+    def __post_init__(self) -> None:
+        if self.body is not None and self.size != len(self.body):
+            if self.size:
+                raise ValueError(f"size {self.size} != body length {len(self.body)}")
+            object.__setattr__(self, "size", len(self.body))  # frozen: set once, here
 
     @property
     def stored_at(self) -> float:
@@ -40,38 +57,107 @@ class CachedResponse:
     def charge(self) -> int:
         """Bytes this entry counts against the budget."""
         return (
-            len(self.body)
+            self.size
             + sum(len(k) + len(v) + 4 for k, v in self.headers)
             + len(self.key)
             + ENTRY_OVERHEAD
+        )
+
+    def refreshed(
+        self,
+        *,
+        headers: tuple[tuple[str, str], ...],
+        age: AgeInputs,
+        lifetime: float | None,
+        etag: str | None,
+        last_modified: float | None,
+    ) -> CachedResponse:
+        """This entry with metadata from a 304 (RFC 9111 §4.3.4); body untouched."""
+        return dataclasses.replace(
+            self,
+            headers=headers,
+            age=age,
+            lifetime=lifetime,
+            etag=etag,
+            last_modified=last_modified,
         )
 
 
 class CacheStorage(Protocol):
     """The core every cache backend implements."""
 
-    bytes_used: int  # what the entries charge against the budget now
+    @property
+    def bytes_used(self) -> int:
+        """What the entries charge against the budget now."""
+        ...
 
     def __len__(self) -> int: ...
 
-    def get(self, key: str) -> CachedResponse | None: ...
+    def get(self, key: str) -> CachedResponse | None:
+        """Index lookup; records the request with the admission policy (hit or miss)."""
+        ...
 
-    def put(self, entry: CachedResponse) -> bool:
-        """Store (replacing any entry under the same key); False if it can never fit."""
+    async def put(self, entry: CachedResponse) -> bool:
+        """Store `entry` (with `body` bytes), replacing any entry under its key. False if
+        refused: too big, or not admitted by the policy."""
+        ...
 
-    def delete(self, key: str) -> bool: ...
+    async def update(
+        self,
+        key: str,
+        *,
+        headers: tuple[tuple[str, str], ...],
+        age: AgeInputs,
+        lifetime: float | None,
+        etag: str | None,
+        last_modified: float | None,
+    ) -> CachedResponse | None:
+        """Refresh the stored metadata after a 304 (RFC 9111 §4.3.4), body untouched; the new
+        entry, or None if `key` is not stored."""
+        ...
 
-    def clear(self) -> None: ...
+    async def delete(self, key: str) -> bool: ...
+
+    async def clear(self) -> None: ...
+
+    def keys(self) -> Iterator[str]:
+        """A snapshot of the stored keys (safe to mutate the storage while iterating)."""
+        ...
+
+    async def open(self) -> None:
+        """Make the storage ready (disk: rebuild the index from the files)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def default_policy(budget_bytes: int, admission: EvictionPolicy | None) -> EvictionPolicy:
+    if admission is None:
+        return WTinyLFU(budget_bytes)
+    if admission.budget_bytes != budget_bytes:
+        raise ValueError(
+            f"admission policy budget {admission.budget_bytes} != storage budget {budget_bytes}"
+        )
+    return admission
 
 
 class MemoryStorage:
-    """An LRU over an OrderedDict, bounded by `budget_bytes`."""
+    """Whole responses in a dict; the admission policy decides what stays within the budget."""
 
-    def __init__(self, budget_bytes: int, max_object_bytes: int) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        max_object_bytes: int,
+        admission: EvictionPolicy | None = None,
+    ) -> None:
         self.budget_bytes = budget_bytes
         self.max_object_bytes = max_object_bytes
-        self._entries: OrderedDict[str, CachedResponse] = OrderedDict()
-        self.bytes_used = 0
+        self.policy = default_policy(budget_bytes, admission)
+        self._entries: dict[str, CachedResponse] = {}
+
+    @property
+    def bytes_used(self) -> int:
+        return self.policy.bytes_used
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -80,30 +166,76 @@ class MemoryStorage:
         return key in self._entries
 
     def get(self, key: str) -> CachedResponse | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)  # most recently used
-        return entry
+        self.policy.access(key)
+        return self._entries.get(key)
 
-    def put(self, entry: CachedResponse) -> bool:
+    def peek(self, key: str) -> CachedResponse | None:
+        """Look up without counting a request."""
+        return self._entries.get(key)
+
+    async def put(self, entry: CachedResponse) -> bool:
+        return self.put_nowait(entry)
+
+    def put_nowait(self, entry: CachedResponse) -> bool:
+        if entry.body is None:
+            raise ValueError("MemoryStorage.put needs the body bytes")
         charge = entry.charge
-        if len(entry.body) > self.max_object_bytes or charge > self.budget_bytes:
+        self._drop(entry.key)
+        if entry.size > self.max_object_bytes or charge > self.budget_bytes:
             return False
-        self.delete(entry.key)
-        while self._entries and self.bytes_used + charge > self.budget_bytes:
-            _, old = self._entries.popitem(last=False)  # evict least recently used
-            self.bytes_used -= old.charge
-        self._entries[entry.key] = entry
-        self.bytes_used += charge
-        return True
+        if entry.body_path is not None:
+            entry = dataclasses.replace(entry, body_path=None)
+        admitted = True
+        for k in self.policy.insert(entry.key, charge):
+            if k == entry.key:
+                admitted = False
+            else:
+                self._entries.pop(k, None)
+        if admitted:
+            self._entries[entry.key] = entry
+        return admitted
 
-    def delete(self, key: str) -> bool:
-        old = self._entries.pop(key, None)
+    async def update(
+        self,
+        key: str,
+        *,
+        headers: tuple[tuple[str, str], ...],
+        age: AgeInputs,
+        lifetime: float | None,
+        etag: str | None,
+        last_modified: float | None,
+    ) -> CachedResponse | None:
+        old = self._entries.get(key)
         if old is None:
-            return False
-        self.bytes_used -= old.charge
-        return True
+            return None
+        new = old.refreshed(
+            headers=headers, age=age, lifetime=lifetime, etag=etag, last_modified=last_modified
+        )
+        self._entries[key] = new
+        for k in self.policy.resize(key, new.charge):
+            self._entries.pop(k, None)
+        return self._entries.get(key)
 
-    def clear(self) -> None:
+    def _drop(self, key: str) -> bool:
+        self.policy.remove(key)
+        return self._entries.pop(key, None) is not None
+
+    async def delete(self, key: str) -> bool:
+        return self._drop(key)
+
+    async def clear(self) -> None:
         self._entries.clear()
-        self.bytes_used = 0
+        self.policy.clear()
+
+    def keys(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def keys_view(self) -> KeysView[str]:
+        """A live view of the stored keys (set operations; do not mutate while iterating)."""
+        return self._entries.keys()
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
