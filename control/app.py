@@ -21,7 +21,7 @@ from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.errors import NOT_FOUND, ApiError
 from vodcore.server import base_app
-from vodcore.store.fs import FilesystemStore
+from vodcore.store.factory import close_store, make_store
 from vodcore.tokens import SigningKeys
 
 
@@ -32,7 +32,7 @@ def _iso(ts: float) -> str:
 def make_app(settings: Settings) -> web.Application:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)
-    store = FilesystemStore(settings.store_dir)
+    store = make_store(settings)
     keys = SigningKeys(settings.keys_dir).load_or_create()
     uploads = Uploads(settings, engine, store)
     ready = {"db": False}
@@ -43,6 +43,7 @@ def make_app(settings: Settings) -> web.Application:
         ready["db"] = True
         yield
         await engine.dispose()
+        await close_store(store)
 
     app.cleanup_ctx.append(lifecycle)
 

@@ -49,7 +49,7 @@ from vodcore.layout import source_key, version_prefix
 from vodcore.lifecycle import Event, IllegalTransition
 from vodcore.metrics import JOBS
 from vodcore.store import ObjectStore
-from vodcore.store.fs import FilesystemStore
+from vodcore.store.factory import close_store, make_store
 
 log = logging.getLogger("vod.transcoder")
 
@@ -288,7 +288,7 @@ async def run_pool(
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     engine = make_engine(settings.db_url)
     await create_schema(engine)  # idempotent; the pool may start before control
-    store = FilesystemStore(settings.store_dir)
+    store = make_store(settings)
     loops = [
         asyncio.create_task(_job_loop(settings, store, engine, f"{worker_id}/{i}", stop))
         for i in range(max(1, slots))
@@ -301,3 +301,4 @@ async def run_pool(
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await engine.dispose()
+        await close_store(store)

@@ -34,6 +34,10 @@ class Settings:
     database_url: str | None = None  # default: SQLite under data_dir
     ffmpeg: str | None = None  # default: system ffmpeg if VOD_FFMPEG unset -> imageio-ffmpeg
     public_edge_url: str | None = None  # what playback URLs point at; default http://host:edge
+    # Disk tier under DATA/cache/{tier}: survives restarts, served by sendfile. 0 turns it off.
+    disk_cache_bytes: dict[str, int] = field(
+        default_factory=lambda: {"edge": 1024**3, "shield": 4 * 1024**3}
+    )
     cache_bytes: dict[str, int] = field(
         default_factory=lambda: {"edge": 256 * 1024 * 1024, "shield": 512 * 1024 * 1024}
     )
@@ -119,11 +123,16 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         changes["data_dir"] = Path(doc["data_dir"])
     if "ports" in doc:
         changes["ports"] = {**s.ports, **{k: int(v) for k, v in doc["ports"].items()}}
-    cache = dict(s.cache_bytes)
+    cache, disk = dict(s.cache_bytes), dict(s.disk_cache_bytes)
     for tier in ("edge", "shield"):
-        if isinstance(doc.get(tier), dict) and "cache_bytes" in doc[tier]:
-            cache[tier] = int(doc[tier]["cache_bytes"])
+        table = doc.get(tier)
+        if isinstance(table, dict):
+            if "cache_bytes" in table:
+                cache[tier] = int(table["cache_bytes"])
+            if "disk_cache_bytes" in table:
+                disk[tier] = int(table["disk_cache_bytes"])
     changes["cache_bytes"] = cache
+    changes["disk_cache_bytes"] = disk
     s3 = doc.get("s3")
     if isinstance(s3, dict):
         for key in ("bucket", "endpoint_url", "region", "prefix"):

@@ -23,10 +23,12 @@ How it stays correct next to an event loop that owns the socket:
   duplicate shares);
 - TLS transports, or transports without a real socket, use the chunked fallback.
 
-A client that goes away mid-body surfaces as ConnectionResetError, which aiohttp treats as a
-disconnect (no 500, no traceback). A file shorter than promised aborts the connection rather
-than end a short body that a cache would take as complete (RFC 9112 §6.3 lets the client detect
-an incomplete message only by the connection closing early).
+A client that goes away mid-body is routine for a video server (players seek and cancel):
+`send_file_range` aborts the connection and returns False instead of raising, because aiohttp
+logs any exception out of a handler as "Error handling request" with a traceback. A file
+shorter than promised also aborts the connection rather than end a short body that a cache
+would take as complete (RFC 9112 §6.3: the client detects an incomplete message only by the
+connection closing early).
 """
 
 from __future__ import annotations

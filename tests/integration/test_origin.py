@@ -345,3 +345,26 @@ async def _fs_scenario(tmp_path: Path) -> tuple[bytes, bytes]:
         return body, ranged
     finally:
         await runner.cleanup()
+
+
+async def test_pipelined_responses_stay_in_order(origin: Origin) -> None:
+    """Two requests on one connection, read late: the second response must come whole after
+    the first one's body (sendfile writes beside the transport, so order is on us)."""
+    name, data = "1/big.m4s", BIG
+    if origin.store.local_path(f"media/{VID}/{name}") is not None:
+        name, data = "1/huge.m4s", os.urandom(12 * 1024 * 1024)
+        await origin.store.put_bytes(f"media/{VID}/{name}", data)
+    url = yarl.URL(origin.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port, limit=1 << 20)
+    req = f"GET /v/{VID}/{name} HTTP/1.1\r\nHost: x\r\n\r\n"
+    ranged = f"GET /v/{VID}/{name} HTTP/1.1\r\nHost: x\r\nRange: bytes=7-1000006\r\n\r\n"
+    writer.write((req + ranged).encode())
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    for status, expect in ((b"200", data), (b"206", data[7:1000007])):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.split(b" ")[1] == status, head[:200]
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert length == len(expect)
+        assert await reader.readexactly(length) == expect
+    writer.close()

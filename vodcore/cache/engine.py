@@ -43,6 +43,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import aiohttp
 import yarl
@@ -51,12 +52,14 @@ from multidict import CIMultiDict
 
 from vodcore import metrics
 from vodcore.cache import conditional, policy
+from vodcore.cache.backends import build_storage
 from vodcore.cache.fill import Fill, FillFailed, Head
-from vodcore.cache.storage import CachedResponse, CacheStorage, MemoryStorage
+from vodcore.cache.storage import CachedResponse, CacheStorage
 from vodcore.cache.upstreams import UpstreamPool, response_ok
 from vodcore.cache.vary import STAR, same_variant, variant_key, vary_fields
 from vodcore.config import Settings
 from vodcore.errors import RANGE_NOT_SATISFIABLE, UPSTREAM_FAILED, UPSTREAM_TIMEOUT, ApiError
+from vodcore.sendfile import StaleStat, open_for_range, send_file_range
 
 log = logging.getLogger("vod.cache")
 
@@ -148,6 +151,7 @@ class FillJob:
     last_modified: float | None = None
     waiters: int = field(default=0)
     invalidated: bool = False  # purged/invalidated while in flight: never stored
+    lifetime: float | None = None  # freshness lifetime of the response (0 for no-cache)
 
 
 class CacheEngine:
@@ -188,10 +192,11 @@ class CacheEngine:
         health_path: str | None = "/healthz",
     ) -> CacheEngine:
         """An engine over `upstreams` (and `fallback` when none is usable), with a memory cache
-        of `settings.cache_bytes[tier]` bytes unless a storage is given. `health_path=None` for
+        of `settings.cache_bytes[tier]` bytes (over a disk tier of `disk_cache_bytes[tier]`)
+        unless a storage is given. `health_path=None` for
         foreign upstreams that have no /healthz (passive health and breakers only)."""
         if storage is None:
-            storage = MemoryStorage(settings.cache_bytes.get(tier, 0), settings.max_object_bytes)
+            storage = build_storage(settings, tier)
         return cls(
             tier,
             UpstreamPool(
@@ -262,17 +267,28 @@ class CacheEngine:
             fields = self._vary.get(key, ())
             vkey = variant_key(key, fields, req)
             entry = self.storage.get(vkey)
+            body_file: BinaryIO | None = None
+            if entry is not None and entry.body is None:
+                body_file = await self._open_body(vkey, entry)
+                if body_file is None:
+                    entry = None  # evicted between lookup and open: a miss
             if entry is not None:
                 age = policy.current_age(entry.age, now)
                 if policy.is_fresh(entry.lifetime, age):
                     self._count("hit")
-                    return await self._answer_entry(request, entry, f"{self.tier}=HIT", age)
+                    return await self._answer_entry(
+                        request, entry, f"{self.tier}=HIT", age, body_file
+                    )
                 rules = policy.stale_rules(policy.fold_headers(entry.headers))
                 use = policy.usability(entry.lifetime, age, rules)
                 if use is policy.Use.STALE_REVALIDATE_BEHIND:
                     self._join_or_start(vkey, key, upstream_path, req, entry)
                     self._count("stale")
-                    return await self._answer_entry(request, entry, f"{self.tier}=STALE", age)
+                    return await self._answer_entry(
+                        request, entry, f"{self.tier}=STALE", age, body_file
+                    )
+                if body_file is not None:
+                    body_file.close()  # revalidating: a 304 reopens it, a 200 replaces it
             job = (
                 self._start_private(key, upstream_path, req, entry)
                 if own
@@ -316,6 +332,15 @@ class CacheEngine:
             return await self._answer_fill(request, job, head, label)
         raise ApiError(UPSTREAM_FAILED, "the upstream's Vary answers did not settle")
 
+    async def _open_body(self, vkey: str, entry: CachedResponse) -> BinaryIO | None:
+        """Open a disk entry's body before any header goes out; None if it is gone."""
+        assert entry.body_path is not None
+        try:
+            return await asyncio.to_thread(open_for_range, entry.body_path, 0, entry.size)
+        except (FileNotFoundError, StaleStat):
+            await self.storage.delete(vkey)
+            return None
+
     async def _serve_stale(self, request: web.Request, entry: CachedResponse) -> web.StreamResponse:
         """Serve a stale entry because upstream failed (RFC 5861 §4 stale-if-error)."""
         self._count("stale")
@@ -339,13 +364,26 @@ class CacheEngine:
         stale: CachedResponse | None,
     ) -> FillJob:
         job = self._fills.get(vkey)
-        if job is not None:
+        if job is not None and self._joinable(job):
             return job
         job = FillJob(Fill(), req, stale)
         self._fills[vkey] = job
         job.task = asyncio.create_task(self._run_fill(job, vkey, key, path))
         job.task.add_done_callback(lambda _t: self._fill_done(vkey, job))
         return job
+
+    def _joinable(self, job: FillJob) -> bool:
+        """A fill in flight is always joined (that is the collapse). One whose body is complete
+        but not yet stored is joined only while its response would still be fresh; otherwise
+        (no-cache, max-age=0, already expired) the request must go upstream itself."""
+        if not job.fill.done:
+            return job.fill.error is None
+        if job.updated is not None:
+            entry = job.updated
+            return policy.is_fresh(entry.lifetime, policy.current_age(entry.age, self.clock()))
+        if job.age is None or job.too_large:
+            return False
+        return policy.is_fresh(job.lifetime, policy.current_age(job.age, self.clock()))
 
     def _start_private(
         self, key: str, path: str, req: dict[str, str], stale: CachedResponse | None
@@ -426,6 +464,14 @@ class CacheEngine:
         job.shareable = policy.shareable_with_waiters(resp.status, folded, job.storable)
         job.etag = folded.get("etag")
         job.last_modified = policy.parse_http_date(folded.get("last-modified"))
+        # no-cache: stored, but stale from the start so every use revalidates
+        job.lifetime = (
+            0.0
+            if policy.stale_rules(folded).no_cache
+            else policy.freshness_lifetime(
+                folded, response_time=response_time, default_ttl=self.default_ttl
+            )
+        )
         head = Head(
             resp.status,
             end_to_end(resp.headers, NOT_STORED),
@@ -456,10 +502,6 @@ class CacheEngine:
         if fill.error is not None or not job.storable or vkey is None or job.invalidated:
             return
         assert job.age is not None
-        rules = policy.stale_rules(folded)
-        lifetime = policy.freshness_lifetime(
-            folded, response_time=response_time, default_ttl=self.default_ttl
-        )
         entry = CachedResponse(
             # stored under the variant the leader's request selects (Vary may be new to us)
             key=variant_key(key, job.fields, job.request_headers),
@@ -467,8 +509,7 @@ class CacheEngine:
             headers=head.headers,
             body=fill.body(),
             age=job.age,
-            # no-cache: stored, but stale from the start so every use revalidates
-            lifetime=0.0 if rules.no_cache else lifetime,
+            lifetime=job.lifetime,
             etag=job.etag,
             last_modified=job.last_modified,
             size=fill.received,
@@ -604,13 +645,37 @@ class CacheEngine:
         return web.Response(status=304, headers=keep)
 
     async def _answer_entry(
-        self, request: web.Request, entry: CachedResponse, x_cache: str, age: float
+        self,
+        request: web.Request,
+        entry: CachedResponse,
+        x_cache: str,
+        age: float,
+        body_file: BinaryIO | None = None,
+    ) -> web.StreamResponse:
+        """Answer from a stored response: memory bytes, or a disk body by sendfile (opened by
+        the caller, or here; a body gone by now raises FileNotFoundError before any header)."""
+        if entry.body is None and body_file is None:
+            assert entry.body_path is not None
+            body_file = await asyncio.to_thread(open_for_range, entry.body_path, 0, entry.size)
+        try:
+            return await self._answer_stored(request, entry, x_cache, age, body_file)
+        finally:
+            if body_file is not None and not body_file.closed:
+                body_file.close()
+
+    async def _answer_stored(
+        self,
+        request: web.Request,
+        entry: CachedResponse,
+        x_cache: str,
+        age: float,
+        body_file: BinaryIO | None,
     ) -> web.StreamResponse:
         headers = self._base_headers(entry.headers, x_cache, age)
         if entry.status != 200:
             body = b"" if request.method == "HEAD" else (entry.body or b"")
-            if entry.body is None and entry.body_path is not None and request.method != "HEAD":
-                body = await asyncio.to_thread(entry.body_path.read_bytes)
+            if body_file is not None and request.method != "HEAD":
+                body = await asyncio.to_thread(body_file.read)
             return web.Response(status=entry.status, body=body, headers=headers)
         headers["Accept-Ranges"] = "bytes"
         size = entry.size if entry.body is None else len(entry.body)
@@ -636,12 +701,9 @@ class CacheEngine:
         if entry.body is not None:
             body = entry.body if count == size else entry.body[start : start + count]
             return web.Response(status=status, body=body, headers=headers)
-        assert entry.body_path is not None
+        assert entry.body_path is not None and body_file is not None
         resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = count
-        from vodcore.sendfile import send_file_range
-
-        await send_file_range(request, resp, entry.body_path, start, count)
+        await send_file_range(request, resp, entry.body_path, start, count, file=body_file)
         return resp
 
     async def _answer_fill(
