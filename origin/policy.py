@@ -4,14 +4,16 @@ Rules (DESIGN.md "Caching rules"):
 - anything under a numeric version segment, `/v/{videoId}/{digits}/…`, never changes (a new
   version is written beside the old one), so it is `public, max-age=31536000, immutable`
   (RFC 8246 for `immutable`);
-- anything else (unversioned) is `public, max-age=60`;
+- anything else (unversioned) is fresh for 60 s; after that caches may serve it for 30 s more
+  while one revalidation runs (RFC 5861 §3) and for a day while the origin fails (RFC 5861 §4):
+  an origin outage then degrades to slightly old manifests instead of errors;
 - Content-Type comes from the extension; unknown extensions are application/octet-stream.
 """
 
 from __future__ import annotations
 
 IMMUTABLE = "public, max-age=31536000, immutable"
-SHORT = "public, max-age=60"
+SHORT = "public, max-age=60, stale-while-revalidate=30, stale-if-error=86400"
 
 CONTENT_TYPES = {
     ".m3u8": "application/vnd.apple.mpegurl",  # RFC 8216 §4

@@ -10,12 +10,30 @@ from collections.abc import Awaitable, Callable
 
 import uvloop
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError, error_middleware
 from vodcore.metrics import metrics_handler, metrics_middleware
 from vodcore.paths import BadPath, split_raw_path
 
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{X-Cache}o"'
+
+
+class ClientProtocolErrors(logging.Filter):
+    """A malformed request (bad request line, oversized headers, garbage) is the client's
+    mistake: aiohttp answers 400 and logs it with a traceback; we keep one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = (
+                "bad request from client: %s",
+                (str(exc.message).splitlines()[0][:200],),
+            )
+        return True
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -25,6 +43,7 @@ def configure_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    logging.getLogger("aiohttp.server").addFilter(ClientProtocolErrors())
 
 
 def media_segments(raw_path: str, min_segments: int) -> list[str]:

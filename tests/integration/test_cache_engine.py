@@ -497,3 +497,35 @@ async def test_disk_tier_survives_a_restart_and_serves_ranges(
     finally:
         await second.client.close()
         await second.server.close()
+
+
+async def test_truncation_two_tiers_deep_is_never_stored_anywhere(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """origin truncates → the inner tier cuts its client → the outer tier cuts the player."""
+    calls = 0
+
+    async def truncated(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=60"})
+        resp.content_length = 300_000
+        await resp.prepare(request)
+        await resp.write(b"z" * 100_000)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    upstream.routes["/deep"] = truncated
+    inner = await _start_edge(tmp_path / "inner", [upstream.url])
+    outer = await _start_edge(tmp_path / "outer", [inner.url])
+    try:
+        for _ in range(2):
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with outer.client.get(outer.url + "/deep") as r:
+                    await r.read()
+        assert calls == 2  # nothing was stored at either tier
+    finally:
+        for e in (outer, inner):
+            await e.client.close()
+            await e.server.close()

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from origin import app as origin_app
 from origin.app import STORE_KEY, make_app
+from origin.policy import SHORT
 from tests.s3server import REGION, S3Server, s3_server
 from vodcore import sendfile
 from vodcore.config import Settings
@@ -148,7 +149,7 @@ async def test_full_object(origin: Origin, name: str) -> None:
 async def test_content_types_and_short_ttl(origin: Origin) -> None:
     resp, body = await origin.get(f"/v/{VID}/current.json")
     assert resp.status == 200 and body == OBJECTS["current.json"]
-    assert resp.headers["Cache-Control"] == "public, max-age=60"
+    assert resp.headers["Cache-Control"] == SHORT
     resp, _ = await origin.get(f"/v/{VID}/1/master.m3u8")
     assert resp.headers["Content-Type"] == "application/vnd.apple.mpegurl"
     resp, _ = await origin.get(f"/v/{VID}/1/seg-0-00001.m4s")
