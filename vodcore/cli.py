@@ -68,7 +68,7 @@ def cmd_tier(args: argparse.Namespace) -> int:
         from control.app import make_app as control_app
 
         app = control_app(s)
-    run(app, s.host, s.port(tier), tier=tier)
+    run(app, s.host, s.port(tier), tier=tier, access_log=args.access_log == "on")
     return 0
 
 
@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(tier, help=desc)
         common(sp)
         sp.add_argument("--port", type=int, help="listen port")
+        sp.add_argument(
+            "--access-log",
+            choices=("on", "off"),
+            default="on",
+            help="one line per request on stdout (default on)",
+        )
         if tier in ("shield", "edge"):
             sp.add_argument(
                 "--upstream", help="upstream URL[,URL…] (edge → shields, shield → origin)"

@@ -32,6 +32,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def metrics_middleware(tier: str) -> Middleware:
+    latency = LATENCY.labels(tier)
+    # labels() costs a lookup per call; the children are resolved once per (method, status).
+    counters: dict[tuple[str, int], Counter] = {}
+
     @web.middleware
     async def mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         t0 = time.perf_counter()
@@ -41,8 +45,12 @@ def metrics_middleware(tier: str) -> Middleware:
             status = resp.status
             return resp
         finally:
-            LATENCY.labels(tier).observe(time.perf_counter() - t0)
-            REQUESTS.labels(tier, request.method, str(status)).inc()
+            latency.observe(time.perf_counter() - t0)
+            key = (request.method, status)
+            counter = counters.get(key)
+            if counter is None:
+                counter = counters[key] = REQUESTS.labels(tier, request.method, str(status))
+            counter.inc()
 
     return mw
 

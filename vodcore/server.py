@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import logging
 import sys
+import time as _time
 from collections.abc import Awaitable, Callable
 
 import uvloop
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError, error_middleware
 from vodcore.metrics import metrics_handler, metrics_middleware
 from vodcore.paths import BadPath, split_raw_path
-
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{X-Cache}o"'
 
 
 class ClientProtocolErrors(logging.Filter):
@@ -80,6 +80,33 @@ def base_app(
     return app
 
 
+class FastAccessLogger(AbstractAccessLogger):
+    """One access line per request, written straight to stdout.
+
+    Fields: `addr "METHOD path HTTP/x.y" status bytes seconds "X-Cache"`. It skips `logging`'s
+    per-record machinery and aiohttp's format interpreter, which cost a cache hit 12-18% of
+    its time (profile in bench/RESULTS.md). Lines go through Python's buffered stdout
+    (unbuffered under PYTHONUNBUFFERED, as `vod up` runs the tiers).
+    """
+
+    _second = -1
+    _stamp = ""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        now = _time.time()
+        second = int(now)
+        if second != FastAccessLogger._second:
+            FastAccessLogger._second = second
+            FastAccessLogger._stamp = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(now))
+        v = request.version
+        sys.stdout.write(
+            f"{FastAccessLogger._stamp} access: {request.remote} "
+            f'"{request.method} {request.path_qs} HTTP/{v.major}.{v.minor}" '
+            f"{response.status} {response.body_length} {time:.6f} "
+            f'"{response.headers.get("X-Cache", "-")}"\n'
+        )
+
+
 def run(
     app: web.Application | Awaitable[web.Application],
     host: str,
@@ -87,6 +114,7 @@ def run(
     *,
     tier: str,
     reuse_port: bool = True,
+    access_log: bool = True,
 ) -> None:
     configure_logging()
     logging.getLogger("vod").info("%s listening on http://%s:%d", tier, host, port)
@@ -95,8 +123,10 @@ def run(
         host=host,
         port=port,
         reuse_port=reuse_port,
+        backlog=4096,  # a stampede connects at once; 128 made SYNs retry after 1 s
         shutdown_timeout=10.0,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        access_log_class=FastAccessLogger,
         print=None,
         loop=uvloop.new_event_loop(),
     )

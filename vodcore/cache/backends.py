@@ -21,6 +21,9 @@ from vodcore.config import Settings
 
 log = logging.getLogger("vod.cache")
 
+# Objects at least this large are served from the disk tier by sendfile, not from memory.
+SENDFILE_MIN_BYTES = 256 * 1024
+
 
 def _lock_dir(path: Path) -> int | None:
     """An exclusive lock on `path/.lock` (released by closing the fd), or None if taken."""
@@ -38,7 +41,7 @@ class LockedTieredStorage(TieredStorage):
     """Memory over disk, holding the disk directory's lock until closed."""
 
     def __init__(self, memory: MemoryStorage, disk: DiskStorage, lock_fd: int) -> None:
-        super().__init__(memory, disk)
+        super().__init__(memory, disk, memory_max_object_bytes=SENDFILE_MIN_BYTES)
         self._lock_fd: int | None = lock_fd
 
     async def close(self) -> None:

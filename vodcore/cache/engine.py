@@ -49,6 +49,7 @@ import aiohttp
 import yarl
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Counter
 
 from vodcore import metrics
 from vodcore.cache import conditional, policy
@@ -179,6 +180,9 @@ class CacheEngine:
         self._too_large: dict[str, float] = {}  # primary key -> until when to pass it through
         self._background: set[asyncio.Task[None]] = set()
         self._via = f"1.1 vodstack-{tier}"  # RFC 9110 §7.6.3
+        # prometheus children resolved once: labels() is a lookup per call on the hit path
+        self._results: dict[str, Counter] = {}
+        self._bytes_sent = metrics.BYTES_SENT.labels(tier)
 
     @classmethod
     def from_settings(
@@ -251,7 +255,10 @@ class CacheEngine:
         metrics.CACHE_OBJECTS.labels(self.tier).set(len(self.storage))
 
     def _count(self, result: str) -> None:
-        metrics.CACHE_RESULTS.labels(self.tier, result).inc()
+        counter = self._results.get(result)
+        if counter is None:
+            counter = self._results[result] = metrics.CACHE_RESULTS.labels(self.tier, result)
+        counter.inc()
 
     # The driver ----------------------------------------------------------------------------
     async def serve(self, request: web.Request, key: str, upstream_path: str) -> web.StreamResponse:
@@ -697,7 +704,7 @@ class CacheEngine:
             case conditional.Outcome.FULL:
                 pass
         if request.method != "HEAD":
-            metrics.BYTES_SENT.labels(self.tier).inc(count)
+            self._bytes_sent.inc(count)
         if entry.body is not None:
             body = entry.body if count == size else entry.body[start : start + count]
             return web.Response(status=status, body=body, headers=headers)
@@ -750,7 +757,7 @@ class CacheEngine:
         try:
             async for chunk in fill.read(start, end):
                 await resp.write(chunk)
-                metrics.BYTES_SENT.labels(self.tier).inc(len(chunk))
+                self._bytes_sent.inc(len(chunk))
         except FillFailed as e:
             log.warning("%s: fill failed mid-body: %s", self.tier, e)
             _cut(request)
@@ -783,7 +790,7 @@ class CacheEngine:
             try:
                 async for chunk in resp.content.iter_chunked(CHUNK):
                     await out.write(chunk)
-                    metrics.BYTES_SENT.labels(self.tier).inc(len(chunk))
+                    self._bytes_sent.inc(len(chunk))
             except (aiohttp.ClientError, TimeoutError):
                 # Headers are gone already: cutting the connection is the only honest signal
                 # that the body is incomplete (RFC 9112 §6.3).

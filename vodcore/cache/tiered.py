@@ -34,10 +34,19 @@ class TieredStorage:
         disk: DiskStorage,
         *,
         promote_max_bytes: int = DEFAULT_PROMOTE_MAX_BYTES,
+        memory_max_object_bytes: int | None = None,
     ) -> None:
         self.memory = memory
         self.disk = disk
-        self.promote_max_bytes = min(promote_max_bytes, memory.max_object_bytes)
+        # Large objects are kept on disk only: sent by sendfile from the page cache they cost
+        # less CPU than copying a bytes object into the socket (bench/RESULTS.md), and the
+        # memory budget goes to the many small objects (manifests, init segments).
+        self.memory_max_object_bytes = (
+            memory.max_object_bytes
+            if memory_max_object_bytes is None
+            else min(memory_max_object_bytes, memory.max_object_bytes)
+        )
+        self.promote_max_bytes = min(promote_max_bytes, self.memory_max_object_bytes)
         self._promoting: dict[str, asyncio.Task[None]] = {}
 
     @property
@@ -97,7 +106,7 @@ class TieredStorage:
         self.memory.put_nowait(dataclasses.replace(current, body=body, body_path=None))
 
     async def put(self, entry: CachedResponse) -> bool:
-        in_memory = self.memory.put_nowait(entry)
+        in_memory = entry.size <= self.memory_max_object_bytes and self.memory.put_nowait(entry)
         on_disk = await self.disk.put(entry)
         return in_memory or on_disk
 

@@ -24,7 +24,7 @@ Rules:
   engine actually tries first; elsewhere it is left out without using up the probe.
 - Health: `fall` consecutive failed checks mark an upstream down, `rise` consecutive good ones
   mark it up again (hysteresis, so one slow check under load does not flap it). A check is good
-  when GET `{base}{health_path}` answers 2xx within `health_timeout`. `health_path=None`
+  when GET `{base}{health_path}` answers below 500 within `health_timeout`. `health_path=None`
   disables active checks (for a foreign upstream that has no /healthz); breakers still work.
 - Retries (`may_retry`): only GET and HEAD, only before any byte (headers included) went to the
   client, and within the attempt budget.
@@ -285,7 +285,9 @@ class UpstreamPool:
                 allow_redirects=False,
             ) as resp:
                 await resp.read()  # tiny; reading it lets the connection be reused
-                return 200 <= resp.status < 300
+                # Alive = answers HTTP without a server error: our tiers' /healthz says 503
+                # while starting, and a foreign origin's 404 for /healthz is still "up".
+                return resp.status < 500
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
         except Exception:  # a bug here must not kill the loop and freeze the state
