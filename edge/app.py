@@ -50,6 +50,8 @@ def proxy_path(raw_path: str) -> str:
     path = raw_path.partition("?")[0]
     if not path.startswith("/"):
         raise ApiError(BAD_PATH, "path must be absolute")
+    if "%" not in path and "/." not in path and "\\" not in path and "\x00" not in path:
+        return raw_path  # nothing encoded, no dot segment: the common case, checked cheaply
     for seg in path.split("/"):
         decoded = unquote(seg)
         if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):

@@ -529,3 +529,51 @@ async def test_truncation_two_tiers_deep_is_never_stored_anywhere(
         for e in (outer, inner):
             await e.client.close()
             await e.server.close()
+
+
+async def test_a_fill_resumes_from_another_upstream_when_one_dies_mid_body(
+    tmp_path: Path,
+) -> None:
+    body = bytes(range(256)) * 1024  # 256 KiB
+    ranges: list[tuple[str, int]] = []  # (upstream, first byte) of each ranged request
+    truncated: list[str] = []
+
+    def make(name: str) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            headers = {"Cache-Control": "max-age=60", "ETag": '"same"'}
+            rng = request.headers.get("Range")
+            if rng:
+                assert request.headers.get("If-Range") == '"same"'
+                start = int(rng.removeprefix("bytes=").rstrip("-"))
+                ranges.append((name, start))
+                headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+                return web.Response(status=206, body=body[start:], headers=headers)
+            if not truncated:
+                truncated.append(name)
+                resp = web.StreamResponse(headers=headers)
+                resp.content_length = len(body)
+                await resp.prepare(request)
+                await resp.write(body[:100_000])
+                assert request.transport is not None
+                request.transport.close()  # this upstream dies mid-body
+                return resp
+            return web.Response(body=body, headers=headers)
+
+        return h
+
+    a, b = await _start_upstream(), await _start_upstream()
+    a.routes["/seg"], b.routes["/seg"] = make("a"), make("b")
+    e = await _start_edge(tmp_path, [a.url, b.url])
+    try:
+        status, headers, got = await e.get("/seg")
+        assert status == 200 and got == body  # the player never noticed
+        assert len(truncated) == 1 and len(ranges) == 1
+        assert ranges[0][0] != truncated[0] and ranges[0][1] >= 1  # the other one, mid-way
+        status, headers, got = await e.get("/seg")
+        assert (headers["X-Cache"], got) == ("edge=HIT", body)  # stored whole
+    finally:
+        await e.client.close()
+        await e.server.close()
+        for up in (a, b):
+            assert up.server is not None
+            await up.server.close()

@@ -37,6 +37,7 @@ Rules this module holds:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -158,6 +159,9 @@ class LRU:
         self._used = 0
 
 
+HASH_MEMO = 65536  # keys whose sketch digests are kept
+
+
 class FrequencySketch:
     """Count-min sketch of 4-bit counters behind a doorkeeper Bloom filter, with aging."""
 
@@ -171,8 +175,11 @@ class FrequencySketch:
         self._door_mask = self.width * 8 - 1
         self.sample_size = SAMPLE_FACTOR * max(self.entries, MIN_WIDTH // WIDTH_PER_ENTRY)
         self.additions = 0
+        # Hot keys are hashed again and again (every hit is an access): memoise the digests.
+        # Bounded, and the hash is a pure function of (seed, key), so this changes nothing.
+        self._hash = functools.lru_cache(maxsize=HASH_MEMO)(self._hash_uncached)
 
-    def _hash(self, key: str) -> tuple[int, int]:
+    def _hash_uncached(self, key: str) -> tuple[int, int]:
         d = hashlib.blake2b(key.encode(), digest_size=16, key=self._seed).digest()
         return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little") | 1
 

@@ -56,7 +56,7 @@ from vodcore.cache import conditional, policy
 from vodcore.cache.backends import build_storage
 from vodcore.cache.fill import Fill, FillFailed, Head
 from vodcore.cache.storage import CachedResponse, CacheStorage
-from vodcore.cache.upstreams import UpstreamPool, response_ok
+from vodcore.cache.upstreams import Upstream, UpstreamPool, response_ok
 from vodcore.cache.vary import STAR, same_variant, variant_key, vary_fields
 from vodcore.config import Settings
 from vodcore.errors import RANGE_NOT_SATISFIABLE, UPSTREAM_FAILED, UPSTREAM_TIMEOUT, ApiError
@@ -117,6 +117,7 @@ NOT_FORWARDED_ON_FILL = HOP_BY_HOP | {
     "pragma",
 }
 RETRY_STATUSES = frozenset({502, 503, 504})
+FULL = conditional.Selection(conditional.Outcome.FULL)
 CHUNK = 256 * 1024
 TOO_LARGE_MEMO_SECONDS = 60.0
 
@@ -132,6 +133,23 @@ def end_to_end(
         for t in v.split(",")
     }
     return tuple((k, v) for k, v in headers.items() if k.lower() not in drop | named)
+
+
+@dataclass(slots=True)
+class Resume:
+    """What a fill needs to go on from another upstream after a mid-body failure."""
+
+    path: str
+    headers: dict[str, str]
+    first: str  # the upstream that failed first
+    tried: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tried.append(self.first)
+
+
+def _strong(etag: str | None) -> bool:
+    return etag is not None and etag.startswith('"')  # W/"…" is weak (RFC 9110 §8.8.3)
 
 
 @dataclass(slots=True)
@@ -263,9 +281,11 @@ class CacheEngine:
     # The driver ----------------------------------------------------------------------------
     async def serve(self, request: web.Request, key: str, upstream_path: str) -> web.StreamResponse:
         """Answer a GET or HEAD for primary cache key `key`, filling from `upstream_path`."""
-        req = policy.fold_headers(request.headers.items())
+        # The hit path reads the (case-insensitive) request headers as they are; the folded
+        # copy a fill forwards and compares for Vary is made only on the way upstream.
+        req = request.headers
         now = self.clock()
-        if "authorization" in req or "cookie" in req or self._too_large.get(key, 0) > now:
+        if "Authorization" in req or "Cookie" in req or self._too_large.get(key, 0) > now:
             self._count("pass")
             return await self._pass_through(request, upstream_path, key)
 
@@ -367,13 +387,13 @@ class CacheEngine:
         vkey: str,
         key: str,
         path: str,
-        req: dict[str, str],
+        req: Mapping[str, str],
         stale: CachedResponse | None,
     ) -> FillJob:
         job = self._fills.get(vkey)
         if job is not None and self._joinable(job):
             return job
-        job = FillJob(Fill(), req, stale)
+        job = FillJob(Fill(), policy.fold_headers(req.items()), stale)
         self._fills[vkey] = job
         job.task = asyncio.create_task(self._run_fill(job, vkey, key, path))
         job.task.add_done_callback(lambda _t: self._fill_done(vkey, job))
@@ -393,9 +413,9 @@ class CacheEngine:
         return policy.is_fresh(job.lifetime, policy.current_age(job.age, self.clock()))
 
     def _start_private(
-        self, key: str, path: str, req: dict[str, str], stale: CachedResponse | None
+        self, key: str, path: str, req: Mapping[str, str], stale: CachedResponse | None
     ) -> FillJob:
-        job = FillJob(Fill(), req, stale)
+        job = FillJob(Fill(), policy.fold_headers(req.items()), stale)
         job.task = asyncio.create_task(self._run_fill(job, None, key, path))
         self._background.add(job.task)
         job.task.add_done_callback(self._background.discard)
@@ -423,7 +443,7 @@ class CacheEngine:
             if lm:
                 headers["if-modified-since"] = lm
         try:
-            async with self._fetch(key, path, headers) as (resp, request_time):
+            async with self._fetch(key, path, headers) as (resp, request_time, up):
                 response_time = self.clock()
                 folded = policy.fold_headers(resp.headers.items())
                 job.age = policy.age_inputs(
@@ -434,7 +454,9 @@ class CacheEngine:
                     fill.set_head(Head(304, (), 0, resp.headers.get("X-Cache")))
                     fill.finish()
                     return
-                await self._stream_response(job, vkey, key, resp, folded, response_time)
+                await self._stream_response(
+                    job, vkey, key, resp, folded, response_time, Resume(path, headers, up.base)
+                )
         except ApiError as e:
             fill.fail(FillFailed(f"{e.kind.code}: {e.message}"))
         except FillFailed as e:
@@ -454,6 +476,7 @@ class CacheEngine:
         resp: aiohttp.ClientResponse,
         folded: dict[str, str],
         response_time: float,
+        resume: Resume,
     ) -> None:
         fill = job.fill
         length = resp.content_length
@@ -492,19 +515,31 @@ class CacheEngine:
             fill.finish_unread()  # readers stream it themselves (PASS)
             return
         fill.set_head(head)
-        try:
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                fill.append(chunk)
-                if fill.received > self.max_object_bytes:
-                    self._too_large[key] = self.clock() + TOO_LARGE_MEMO_SECONDS
-                    raise FillFailed("the body outgrew max_object_bytes without Content-Length")
-        except TimeoutError:
-            metrics.UPSTREAM_FETCHES.labels(self.tier, "timeout").inc()
-            raise FillFailed("the upstream timed out sending the body") from None
-        except aiohttp.ClientError as e:
-            # Includes ClientPayloadError: the body ended before Content-Length.
-            metrics.UPSTREAM_FETCHES.labels(self.tier, "error").inc()
-            raise FillFailed(f"the upstream failed mid-body: {type(e).__name__}") from None
+        # A strong validator and a known length let a fill whose upstream dies mid-body go on
+        # from another upstream with `Range` + `If-Range` (RFC 9110 §14.2, §13.1.5): readers
+        # already streaming never notice. Anything else fails the fill (readers are cut).
+        resumable = resp.status == 200 and length is not None and _strong(job.etag)
+        source: aiohttp.ClientResponse = resp
+        async with contextlib.AsyncExitStack() as stack:
+            while True:
+                try:
+                    async for chunk in source.content.iter_chunked(CHUNK):
+                        fill.append(chunk)
+                        if fill.received > self.max_object_bytes:
+                            self._too_large[key] = self.clock() + TOO_LARGE_MEMO_SECONDS
+                            raise FillFailed("the body outgrew max_object_bytes")
+                    if length is not None and fill.received < length:
+                        raise aiohttp.ClientPayloadError("body ended before Content-Length")
+                    break
+                except (TimeoutError, aiohttp.ClientError) as e:
+                    kind = "timeout" if isinstance(e, TimeoutError) else "error"
+                    metrics.UPSTREAM_FETCHES.labels(self.tier, kind).inc()
+                    why = f"the upstream failed mid-body: {type(e).__name__}"
+                    if not resumable or length is None or job.etag is None:
+                        raise FillFailed(why) from None
+                    source = await self._resume(stack, key, resume, job.etag, fill.received, length)
+                    log.info("%s: %s resumed at byte %d from %s", self.tier, resume.path,
+                             fill.received, resume.tried[-1])  # fmt: skip
         fill.finish()
         if fill.error is not None or not job.storable or vkey is None or job.invalidated:
             return
@@ -565,7 +600,8 @@ class CacheEngine:
         headers: dict[str, str],
         method: str = "GET",
         body: AsyncIterator[bytes] | None = None,
-    ) -> AsyncIterator[tuple[aiohttp.ClientResponse, float]]:
+        exclude: frozenset[str] = frozenset(),
+    ) -> AsyncIterator[tuple[aiohttp.ClientResponse, float, Upstream]]:
         """Open `path` on the first usable upstream for `key`; yields (response, request_time).
 
         Moves on to the next upstream on a connection error, a timeout before the head, or a
@@ -573,7 +609,7 @@ class CacheEngine:
         for the whole response.
         """
         timeout = self.pool.client_timeout
-        plan = self.pool.plan(key)
+        plan = [up for up in self.pool.plan(key) if up.base not in exclude]
         if body is not None:
             plan = plan[:1]  # a streamed request body cannot be sent twice
         if not plan:
@@ -613,9 +649,37 @@ class CacheEngine:
                 self.pool.report(up, ok=response_ok(resp.status))
                 if resp.status in RETRY_STATUSES and not is_last and method in ("GET", "HEAD"):
                     continue
-                yield resp, request_time
+                yield resp, request_time, up
                 return
         raise last_error or ApiError(UPSTREAM_FAILED, "no upstream could be reached")
+
+    async def _resume(
+        self,
+        stack: contextlib.AsyncExitStack,
+        key: str,
+        resume: Resume,
+        etag: str,
+        offset: int,
+        length: int,
+    ) -> aiohttp.ClientResponse:
+        """The rest of a representation, bytes [offset, length), from an upstream not yet tried
+        for this fill; FillFailed when none can give exactly that."""
+        headers = {**resume.headers, "range": f"bytes={offset}-", "if-range": etag}
+        headers.pop("if-none-match", None)
+        headers.pop("if-modified-since", None)
+        try:
+            resp, _t, up = await stack.enter_async_context(
+                self._fetch(key, resume.path, headers, exclude=frozenset(resume.tried))
+            )
+        except ApiError as e:
+            raise FillFailed(f"no upstream to resume from: {e.message}") from None
+        resume.tried.append(up.base)
+        expected = f"bytes {offset}-{length - 1}/{length}"
+        if resp.status != 206 or resp.headers.get("Content-Range") != expected:
+            # 200 means the validator no longer matches: a different representation.
+            raise FillFailed(f"resume from {up.base} answered {resp.status}")
+        metrics.UPSTREAM_FETCHES.labels(self.tier, "resumed").inc()
+        return resp
 
     # Answers -------------------------------------------------------------------------------
     def _base_headers(
@@ -634,6 +698,9 @@ class CacheEngine:
         etag: str | None,
         last_modified: float | None,
     ) -> conditional.Selection:
+        h = request.headers
+        if not ("Range" in h or "If-None-Match" in h or "If-Modified-Since" in h):
+            return FULL  # the common case, without folding the request's headers
         return conditional.select(
             request.method,
             policy.fold_headers(request.headers.items()),
@@ -761,7 +828,7 @@ class CacheEngine:
         except FillFailed as e:
             log.warning("%s: fill failed mid-body: %s", self.tier, e)
             _cut(request)
-            raise ConnectionResetError("upstream failed mid-body") from None
+            return resp  # aiohttp's finish_response takes the dead connection quietly
         await resp.write_eof()
         return resp
 
@@ -775,7 +842,7 @@ class CacheEngine:
         body: AsyncIterator[bytes] | None = None
         if method not in ("GET", "HEAD") and request.body_exists:
             body = request.content.iter_chunked(CHUNK)
-        async with self._fetch(key, path, headers, method=method, body=body) as (resp, _t):
+        async with self._fetch(key, path, headers, method=method, body=body) as (resp, _t, _up):
             out = web.StreamResponse(status=resp.status)
             out.headers.extend(end_to_end(resp.headers, HOP_BY_HOP | {"x-cache", "server"}))
             upstream_cache = resp.headers.get("X-Cache")
@@ -795,7 +862,7 @@ class CacheEngine:
                 # Headers are gone already: cutting the connection is the only honest signal
                 # that the body is incomplete (RFC 9112 §6.3).
                 _cut(request)
-                raise ConnectionResetError("upstream failed mid-body") from None
+                return out
             await out.write_eof()
             return out
 

@@ -36,11 +36,22 @@ def _normalise(value: str | None) -> str:
     return ",".join(p.strip() for p in value.split(","))
 
 
+def _field(request: Mapping[str, str], name: str) -> str | None:
+    """A request field's value; repeated fields combined as RFC 9110 §5.3 does, whether the
+    mapping is a folded dict or a multidict (aiohttp's case-insensitive request headers)."""
+    getall = getattr(request, "getall", None)
+    if getall is not None:
+        values = getall(name, None)
+        return ", ".join(values) if values else None
+    return request.get(name)
+
+
 def variant_key(primary: str, fields: tuple[str, ...], request: Mapping[str, str]) -> str:
-    """The storage key of the variant of `primary` selected by `request` (lower-case map)."""
+    """The storage key of the variant of `primary` selected by `request` (a lower-case folded
+    map, or a case-insensitive multidict)."""
     if not fields:
         return primary
-    parts = [f"{name}={_normalise(request.get(name))}" for name in fields]
+    parts = [f"{name}={_normalise(_field(request, name))}" for name in fields]
     return primary + "\n" + "\n".join(parts)
 
 
@@ -48,4 +59,4 @@ def same_variant(fields: tuple[str, ...], a: Mapping[str, str], b: Mapping[str, 
     """Would requests `a` and `b` select the same stored response?"""
     if fields == STAR:
         return False
-    return all(_normalise(a.get(n)) == _normalise(b.get(n)) for n in fields)
+    return all(_normalise(_field(a, n)) == _normalise(_field(b, n)) for n in fields)
