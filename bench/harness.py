@@ -263,20 +263,28 @@ def start_vod(
     procs: int = 1,
     name: str | None = None,
     config: Path | None = None,
+    access_log: bool = True,
 ) -> Target:
     """`vod edge --tokens off` or `vod shield` with `procs` processes sharing one port
-    (aiohttp's run_app binds with SO_REUSEPORT, so the kernel spreads connections)."""
+    (aiohttp's run_app binds with SO_REUSEPORT, so the kernel spreads connections). Each
+    process gets its own data directory, so each has its own disk cache tier."""
     name = name or f"{tier}x{procs}"
     port = free_port()
-    data = fleet.dir(name)
-    cmd = [*VOD, tier, "--upstream", upstream, "--port", str(port), "--data", str(data)]
+    cmd = [*VOD, tier, "--upstream", upstream, "--port", str(port)]
     if tier == "edge":
         cmd += ["--tokens", "off"]
+    if not access_log:
+        cmd += ["--access-log", "off"]
     if config is not None:
         cmd += ["--config", str(config)]
     src = vod_source(fleet)
     env = {} if src == ROOT else {"PYTHONPATH": str(src)}
-    started = [fleet.start(f"{name}-{i}", cmd, cwd=src, env=env) for i in range(procs)]
+    started = [
+        fleet.start(
+            f"{name}-{i}", [*cmd, "--data", str(fleet.dir(f"{name}-{i}"))], cwd=src, env=env
+        )
+        for i in range(procs)
+    ]
     wait_listening(fleet, started, port, count=procs)
     return Target(name, f"http://{HOST}:{port}", port, started)
 

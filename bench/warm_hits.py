@@ -47,6 +47,7 @@ def main() -> None:
         targets = [
             h.start_vod(fleet, "edge", up.url, procs=1, name="ours-1proc"),
             h.start_vod(fleet, "edge", up.url, procs=2, name="ours-2proc"),
+            h.start_vod(fleet, "edge", up.url, procs=2, name="ours-2proc-nolog", access_log=False),
             h.start_nginx(fleet, up.port, name="nginx"),
             h.start_varnish(fleet, up.port, name="varnish"),
         ]
@@ -122,7 +123,7 @@ def main() -> None:
 
     print()
     ratio_rows = []
-    for ours in ("ours-1proc", "ours-2proc"):
+    for ours in ("ours-1proc", "ours-2proc", "ours-2proc-nolog"):
         r1m = med(ours, "1m", "bytes_s") / med("nginx", "1m", "bytes_s")
         r1k = med(ours, "1k", "req_s") / med("nginx", "1k", "req_s")
         ratio_rows.append(

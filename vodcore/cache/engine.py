@@ -709,6 +709,35 @@ class CacheEngine:
             last_modified=last_modified,
         )
 
+    def _part(
+        self,
+        request: web.Request,
+        headers: CIMultiDict[str],
+        size: int,
+        etag: str | None,
+        last_modified: float | None,
+    ) -> web.Response | tuple[int, int, int]:
+        """What of a 200 representation of `size` bytes this request gets (RFC 9110 §13.2.2,
+        §14): a 304 response, a 416 (raised), or (start, count, status) with Content-Range set
+        on `headers` for a 206."""
+        headers["Accept-Ranges"] = "bytes"
+        sel = self._select(request, size, etag, last_modified)
+        match sel.outcome:
+            case conditional.Outcome.NOT_MODIFIED:
+                return self._not_modified(headers)
+            case conditional.Outcome.UNSATISFIABLE:
+                raise ApiError(
+                    RANGE_NOT_SATISFIABLE,
+                    headers={"Content-Range": f"bytes */{size}", "X-Cache": headers["X-Cache"]},
+                )
+            case conditional.Outcome.PARTIAL:
+                br = sel.range
+                assert br is not None
+                headers["Content-Range"] = br.content_range(size)
+                return br.start, br.length, 206
+            case conditional.Outcome.FULL:
+                return 0, size, 200
+
     def _not_modified(self, headers: CIMultiDict[str]) -> web.Response:
         keep: CIMultiDict[str] = CIMultiDict(
             (k, v) for k, v in headers.items() if k.lower() in NOT_MODIFIED_FIELDS
@@ -751,25 +780,11 @@ class CacheEngine:
             if body_file is not None and request.method != "HEAD":
                 body = await asyncio.to_thread(body_file.read)
             return web.Response(status=entry.status, body=body, headers=headers)
-        headers["Accept-Ranges"] = "bytes"
         size = entry.size if entry.body is None else len(entry.body)
-        sel = self._select(request, size, entry.etag, entry.last_modified)
-        start, count, status = 0, size, 200
-        match sel.outcome:
-            case conditional.Outcome.NOT_MODIFIED:
-                return self._not_modified(headers)
-            case conditional.Outcome.UNSATISFIABLE:
-                raise ApiError(
-                    RANGE_NOT_SATISFIABLE,
-                    headers={"Content-Range": f"bytes */{size}", "X-Cache": x_cache},
-                )
-            case conditional.Outcome.PARTIAL:
-                br = sel.range
-                assert br is not None
-                start, count, status = br.start, br.length, 206
-                headers["Content-Range"] = br.content_range(size)
-            case conditional.Outcome.FULL:
-                pass
+        part = self._part(request, headers, size, entry.etag, entry.last_modified)
+        if isinstance(part, web.Response):
+            return part
+        start, count, status = part
         if request.method != "HEAD":
             self._bytes_sent.inc(count)
         if entry.body is not None:
@@ -789,7 +804,6 @@ class CacheEngine:
         headers = self._base_headers(head.headers, x_cache, age)
         start, count, status = 0, head.length, head.status
         if head.status == 200:
-            headers["Accept-Ranges"] = "bytes"
             if head.length is None and ("Range" in request.headers or request.method == "HEAD"):
                 # A range needs the size: without Content-Length, wait for the whole body.
                 try:
@@ -797,22 +811,10 @@ class CacheEngine:
                 except FillFailed as e:
                     raise _upstream_error(e) from None
             size = head.length if head.length is not None else fill.received
-            sel = self._select(request, size, job.etag, job.last_modified)
-            match sel.outcome:
-                case conditional.Outcome.NOT_MODIFIED:
-                    return self._not_modified(headers)
-                case conditional.Outcome.UNSATISFIABLE:
-                    raise ApiError(
-                        RANGE_NOT_SATISFIABLE,
-                        headers={"Content-Range": f"bytes */{size}", "X-Cache": x_cache},
-                    )
-                case conditional.Outcome.PARTIAL:
-                    br = sel.range
-                    assert br is not None
-                    start, count, status = br.start, br.length, 206
-                    headers["Content-Range"] = br.content_range(size)
-                case conditional.Outcome.FULL:
-                    count = size
+            part = self._part(request, headers, size, job.etag, job.last_modified)
+            if isinstance(part, web.Response):
+                return part
+            start, count, status = part
         resp = web.StreamResponse(status=status, headers=headers)
         if count is not None:
             resp.content_length = count
