@@ -25,7 +25,8 @@ from edge.keys import KeyRing
 from vodcore.cache import CacheEngine
 from vodcore.config import Settings
 from vodcore.errors import BAD_PATH, BAD_TOKEN, ApiError
-from vodcore.server import base_app, media_segments
+from vodcore.fastpath import FastPath
+from vodcore.server import FAST_PATH_KEY, base_app, media_segments
 from vodcore.tokens import TokenError, verify
 
 TIER = "edge"
@@ -57,6 +58,15 @@ def proxy_path(raw_path: str) -> str:
         if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):
             raise ApiError(BAD_PATH, "traversal or encoded separator in path")
     return raw_path
+
+
+def fast_proxy_key(target: str) -> str | None:
+    """The cache key `serve_proxy` would use for `target`, when no check is needed (nothing
+    percent-encoded, no dot segment, no backslash); None sends the request the full way."""
+    path = target.partition("?")[0]
+    if "%" in path or "/." in path or "\\" in path:
+        return None
+    return target
 
 
 async def check_token(request: web.Request, vid: str, token: str) -> None:
@@ -113,4 +123,5 @@ def make_app(
         app.router.add_get("/{tail:.*}", serve_tokened)
     else:
         app.router.add_route("*", "/{tail:.*}", serve_proxy)
+        app[FAST_PATH_KEY] = FastPath(engine, fast_proxy_key, access_log=True)
     return app

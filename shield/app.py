@@ -8,11 +8,14 @@ cache), and filled from the origin with that same path.
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
 from vodcore.cache import CacheEngine
 from vodcore.config import Settings
-from vodcore.server import base_app, media_segments
+from vodcore.fastpath import FastPath
+from vodcore.server import FAST_PATH_KEY, base_app, media_segments
 
 TIER = "shield"
 ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
@@ -21,6 +24,16 @@ ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
 def media_path(raw_path: str) -> str:
     """The normalised `/v/…` path of a request; ApiError for anything else."""
     return "/" + "/".join(media_segments(raw_path, 4))
+
+
+_PLAIN_MEDIA = re.compile(r"^/v(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*){3,}$")
+
+
+def fast_media_key(target: str) -> str | None:
+    """The cache key `serve` would use for `target` when its path is plainly valid (no
+    percent-encoding, no segment starting with a dot); None sends it the full way."""
+    path = target.partition("?")[0]
+    return path if _PLAIN_MEDIA.match(path) else None
 
 
 async def serve(request: web.Request) -> web.StreamResponse:
@@ -35,4 +48,5 @@ def make_app(settings: Settings, upstreams: list[str]) -> web.Application:
     app[ENGINE_KEY] = engine
     app.cleanup_ctx.append(engine.cleanup_ctx)
     app.router.add_get("/{tail:.*}", serve)
+    app[FAST_PATH_KEY] = FastPath(engine, fast_media_key, access_log=True)
     return app

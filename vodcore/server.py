@@ -4,17 +4,23 @@ in-flight requests for `shutdown_timeout` seconds before closing)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 import time as _time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 import uvloop
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
 
 from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError, error_middleware
+from vodcore.fastpath import FastPath
 from vodcore.metrics import metrics_handler, metrics_middleware
 from vodcore.paths import BadPath, split_raw_path
 
@@ -107,8 +113,107 @@ class FastAccessLogger(AbstractAccessLogger):
         )
 
 
+FAST_PATH_KEY: web.AppKey[FastPath] = web.AppKey("fast_path", FastPath)
+
+
+class _FastHandler(RequestHandler):
+    """aiohttp's protocol handler, with `vodcore.fastpath` answering plain fresh hits first.
+
+    `_fast_state` tracks whether every byte given to aiohttp so far ended on a message
+    boundary (0), may have left a request half-parsed (1), or carried a body/upgrade so we
+    can no longer tell (2, fast path off for this connection).
+    """
+
+    def __init__(self, *args: Any, fast: FastPath, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fast = fast
+        self._fast_state = 0
+
+    def data_received(self, data: bytes) -> None:
+        state = self._fast_state
+        transport = self.transport
+        if (
+            state == 0
+            and transport is not None
+            and not self._messages
+            and not self._request_in_progress
+            and self._payload_parser is None
+            and not self._upgraded
+            and not self._force_close
+            and not self._close
+            and transport.get_write_buffer_size() == 0
+        ):
+            peer = transport.get_extra_info("peername")
+            remote = peer[0] if isinstance(peer, tuple) else None
+            if self._fast.answer(data, transport.write, remote):
+                self._request_count += 1
+                # an active connection is not idle: push aiohttp's keep-alive deadline on
+                self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                return
+        if state != 2:
+            low = data.lower()
+            if b"content-length" in low or b"transfer-encoding" in low or b"upgrade" in low:
+                self._fast_state = 2
+            else:
+                self._fast_state = 0 if data.endswith(b"\r\n\r\n") else 1
+        super().data_received(data)
+
+
+class _FastServer(Server):
+    fast: FastPath | None = None
+
+    def __call__(self) -> RequestHandler:
+        if self.fast is None:
+            return super().__call__()
+        return _FastHandler(self, loop=self._loop, fast=self.fast, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """aiohttp's AppRunner, giving connections the fast-path handler when the app has one."""
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        fast = self.app.get(FAST_PATH_KEY)
+        if fast is not None:
+            server.__class__ = _FastServer
+            cast(_FastServer, server).fast = fast
+        return server
+
+
+async def start_server(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    access_log: bool = True,
+    reuse_port: bool = True,
+    handle_signals: bool = False,
+) -> web.AppRunner:
+    """Serve `app` on host:port (port 0: any); returns the runner (`cleanup()` stops it)."""
+    fast = app.get(FAST_PATH_KEY)
+    if fast is not None:
+        fast.access_log = access_log
+    runner = _Runner(
+        app,
+        handle_signals=handle_signals,
+        access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        access_log_class=FastAccessLogger,
+        shutdown_timeout=10.0,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        host,
+        port,
+        reuse_port=reuse_port,
+        backlog=4096,  # a stampede connects at once; 128 made SYNs retry after 1 s
+    )
+    await site.start()
+    return runner
+
+
 def run(
-    app: web.Application | Awaitable[web.Application],
+    app: web.Application,
     host: str,
     port: int,
     *,
@@ -116,17 +221,29 @@ def run(
     reuse_port: bool = True,
     access_log: bool = True,
 ) -> None:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests (10 s) and stop."""
     configure_logging()
     logging.getLogger("vod").info("%s listening on http://%s:%d", tier, host, port)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        reuse_port=reuse_port,
-        backlog=4096,  # a stampede connects at once; 128 made SYNs retry after 1 s
-        shutdown_timeout=10.0,
-        access_log=logging.getLogger("aiohttp.access") if access_log else None,
-        access_log_class=FastAccessLogger,
-        print=None,
-        loop=uvloop.new_event_loop(),
-    )
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def serve() -> None:
+        runner = await start_server(
+            app, host, port, access_log=access_log, reuse_port=reuse_port, handle_signals=True
+        )
+        try:
+            await asyncio.Event().wait()  # until a signal raises GracefulExit
+        finally:
+            await runner.cleanup()
+
+    main = loop.create_task(serve())
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError, web.GracefulExit):
+            loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
