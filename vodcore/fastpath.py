@@ -21,6 +21,7 @@ Content-Length, Accept-Ranges, Age, Date and X-Cache. Metrics and the access log
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -119,6 +120,7 @@ class FastPath:
         self._blocks: dict[tuple[str, int], tuple[bytes, bool]] = {}
         self._date_second = -1
         self._date = b""
+        self._stamp = ""
         self.served = 0
 
     def _memory_entry(self, key: str) -> CachedResponse | None:
@@ -166,6 +168,7 @@ class FastPath:
         if second != self._date_second:
             self._date_second = second
             self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
         block, has_date = self._block(entry)
         date = b"" if has_date else self._date
         head = block + b"Age: %d\r\n" % int(age) + date + self._x_cache + b"\r\n"
@@ -179,12 +182,11 @@ class FastPath:
         self.engine._count("hit")
         self._latency.observe(time.perf_counter() - t0)
         self.served += 1
-        if self.access_log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        if self.access_log:  # the same line FastAccessLogger writes for the full path
             method = "HEAD" if req.head else "GET"
-            print(
-                f'{stamp} access: {remote} "{method} {req.target} HTTP/1.1" 200 '
+            sys.stdout.write(
+                f'{self._stamp} access: {remote} "{method} {req.target} HTTP/1.1" 200 '
                 f"{0 if req.head else len(entry.body)} {time.perf_counter() - t0:.6f} "
-                f'"{self.engine.tier}=HIT"'
+                f'"{self.engine.tier}=HIT"\n'
             )
         return True

@@ -523,7 +523,7 @@ class CacheEngine:
         async with contextlib.AsyncExitStack() as stack:
             while True:
                 try:
-                    async for chunk in source.content.iter_chunked(CHUNK):
+                    async for chunk in _coalesced(source.content):
                         fill.append(chunk)
                         if fill.received > self.max_object_bytes:
                             self._too_large[key] = self.clock() + TOO_LARGE_MEMO_SECONDS
@@ -903,6 +903,20 @@ class CacheEngine:
         if victims:
             self._gauges()
         return len(victims)
+
+
+async def _coalesced(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """Body pieces as they arrive, each joined with whatever else is already buffered.
+
+    While a fill's readers are busy writing, several socket reads pile up; appending them as
+    one piece wakes the readers once instead of once per 64 KiB read (200 readers times 16 reads
+    per MiB was 3,200 wake-ups and writes). Nothing is held back to wait for more bytes."""
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        more = content.read_nowait()
+        yield chunk + more if more else chunk
 
 
 async def _release(resp: aiohttp.ClientResponse) -> None:
