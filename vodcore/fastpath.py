@@ -172,21 +172,25 @@ class FastPath:
         block, has_date = self._block(entry)
         date = b"" if has_date else self._date
         head = block + b"Age: %d\r\n" % int(age) + date + self._x_cache + b"\r\n"
-        if req.head:
-            write(head)
-            self._head_requests.inc()
-        else:
-            write(head + entry.body)
-            self._requests.inc()
-            self.engine._bytes_sent.inc(len(entry.body))
-        self.engine._count("hit")
-        self._latency.observe(time.perf_counter() - t0)
+        # The write is the point of no return: nothing after it may fail the request (the caller
+        # would otherwise hand the same bytes to aiohttp and answer twice).
+        write(head if req.head else head + entry.body)
         self.served += 1
-        if self.access_log:  # the same line FastAccessLogger writes for the full path
-            method = "HEAD" if req.head else "GET"
-            sys.stdout.write(
-                f'{self._stamp} access: {remote} "{method} {req.target} HTTP/1.1" 200 '
-                f"{0 if req.head else len(entry.body)} {time.perf_counter() - t0:.6f} "
-                f'"{self.engine.tier}=HIT"\n'
-            )
+        try:
+            if req.head:
+                self._head_requests.inc()
+            else:
+                self._requests.inc()
+                self.engine._bytes_sent.inc(len(entry.body))
+            self.engine._count("hit")
+            self._latency.observe(time.perf_counter() - t0)
+            if self.access_log:  # the same line FastAccessLogger writes for the full path
+                method = "HEAD" if req.head else "GET"
+                sys.stdout.write(
+                    f'{self._stamp} access: {remote} "{method} {req.target} HTTP/1.1" 200 '
+                    f"{0 if req.head else len(entry.body)} {time.perf_counter() - t0:.6f} "
+                    f'"{self.engine.tier}=HIT"\n'
+                )
+        except (OSError, ValueError):
+            pass  # stdout gone (closed pipe): the answer went out, the log line is lost
         return True

@@ -145,12 +145,19 @@ class _FastHandler(RequestHandler):
         ):
             peer = transport.get_extra_info("peername")
             remote = peer[0] if isinstance(peer, tuple) else None
-            if self._fast.answer(data, transport.write, remote):
+            try:
+                handled = self._fast.answer(data, transport.write, remote)
+            except Exception:
+                # A bug in the fast path must not cost the request: aiohttp answers it, and
+                # this connection stops using the fast path.
+                logging.getLogger("vod.fastpath").exception("fast path failed; falling back")
+                handled, self._fast_state = False, 2
+            if handled:
                 self._request_count += 1
                 # an active connection is not idle: push aiohttp's keep-alive deadline on
                 self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
                 return
-        if state != 2:
+        if self._fast_state != 2:
             low = data.lower()
             if b"content-length" in low or b"transfer-encoding" in low or b"upgrade" in low:
                 self._fast_state = 2
