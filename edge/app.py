@@ -15,13 +15,16 @@ forwarded and invalidate the stored responses of their target.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from urllib.parse import unquote
 
 import jwt
 from aiohttp import web
 
 from edge.keys import KeyRing
+from edge.tokencache import VerifiedTokens
 from vodcore.cache import CacheEngine
 from vodcore.config import Settings
 from vodcore.errors import BAD_PATH, BAD_TOKEN, ApiError
@@ -33,6 +36,7 @@ TIER = "edge"
 JWKS_PATH = "/v1/keys/jwks.json"
 ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
 KEYS_KEY: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
+TOKENS_KEY: web.AppKey[VerifiedTokens] = web.AppKey("verified_tokens", VerifiedTokens)
 
 
 def split_media_path(raw_path: str) -> tuple[str, str, str]:
@@ -69,19 +73,50 @@ def fast_proxy_key(target: str) -> str | None:
     return target
 
 
+# /v/{videoId}/{token}/{version}/{file…} with nothing that needs decoding or dot segments
+_PLAIN_TOKENED = re.compile(
+    r"^/v/([A-Za-z0-9_~-][A-Za-z0-9._~-]*)/([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)"
+    r"((?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*){2,})$"
+)
+
+
+def fast_tokened_key(
+    tokens: VerifiedTokens, ring: KeyRing, clock: Callable[[], float] = time.time
+) -> Callable[[str], str | None]:
+    """Cache keys for the fast path of the token-checked edge: only a plain media path whose
+    token was verified before and is still good (VerifiedTokens' rules); anything else goes
+    the full way, which verifies (and refuses) as usual."""
+
+    def key_of(target: str) -> str | None:
+        m = _PLAIN_TOKENED.match(target.partition("?")[0])
+        if m is None:
+            return None
+        vid, token, rest = m.groups()
+        if tokens.get(token, vid, clock(), ring.keys) is None:
+            return None
+        return f"/v/{vid}{rest}"
+
+    return key_of
+
+
 async def check_token(request: web.Request, vid: str, token: str) -> None:
+    ring = request.app[KEYS_KEY]
+    verified = request.app[TOKENS_KEY]
+    now = time.time()
+    if verified.get(token, vid, now, ring.keys) is not None:
+        return  # verified before and still good: no signature check per segment
     try:
         kid = jwt.get_unverified_header(token).get("kid")
     except (jwt.PyJWTError, ValueError):
         raise ApiError(BAD_TOKEN) from None
-    ring = request.app[KEYS_KEY]
     keys = await ring.keys_for(
         request.app[ENGINE_KEY].session, kid if isinstance(kid, str) else None
     )
     try:
-        verify(token, keys, vid, int(time.time()))
+        claims = verify(token, keys, vid, int(now))
     except TokenError:
         raise ApiError(BAD_TOKEN) from None
+    verified.put(token, claims)
 
 
 async def serve_tokened(request: web.Request) -> web.StreamResponse:
@@ -119,8 +154,10 @@ def make_app(
     app.cleanup_ctx.append(engine.cleanup_ctx)
     if tokens:
         base = (control_url or settings.url("control")).rstrip("/")
-        app[KEYS_KEY] = KeyRing(base + JWKS_PATH)
+        ring = app[KEYS_KEY] = KeyRing(base + JWKS_PATH)
+        verified = app[TOKENS_KEY] = VerifiedTokens()
         app.router.add_get("/{tail:.*}", serve_tokened)
+        app[FAST_PATH_KEY] = FastPath(engine, fast_tokened_key(verified, ring), access_log=True)
     else:
         app.router.add_route("*", "/{tail:.*}", serve_proxy)
         app[FAST_PATH_KEY] = FastPath(engine, fast_proxy_key, access_log=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.integration.test_cache_engine import Upstream, _start_upstream, fixed
 from vodcore.config import Settings
 from vodcore.fastpath import sniff
 from vodcore.server import FAST_PATH_KEY, start_server
+from vodcore.tokens import SigningKeys
 
 
 @dataclasses.dataclass
@@ -242,3 +244,44 @@ def test_sniff(data: bytes, target: str | None) -> None:
 )
 def test_shield_fast_keys(target: str, key: str | None) -> None:
     assert fast_media_key(target) == key
+
+
+async def test_token_checked_edge_serves_known_tokens_fast_and_refuses_the_rest(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    keys = SigningKeys(tmp_path / "keys").load_or_create()
+
+    async def jwks(request: web.Request) -> web.StreamResponse:
+        return web.json_response(keys.jwks())
+
+    upstream.routes["/v1/keys/jwks.json"] = jwks
+    upstream.routes["/v/vid_a/1/seg.m4s"] = fixed(b"S" * 500, "public, max-age=3600")
+    settings = Settings(data_dir=tmp_path / "edge", upstream_timeout_seconds=3)
+    app = edge_app(settings, [upstream.url], tokens=True, control_url=upstream.url)
+    runner = await start_server(app, "127.0.0.1", 0, access_log=False)
+    fast = app[FAST_PATH_KEY]
+    try:
+        port = runner.addresses[0][1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        now = int(time.time())
+        good = keys.mint("vid_a", now, 3600)
+        w.write(get(f"/v/vid_a/{good}/1/seg.m4s"))  # first use: full path verifies, caches
+        status, headers, body = await read_response(r)
+        assert (status, body) == (200, b"S" * 500) and fast.served == 0
+        for _ in range(3):  # verified before: the fast path answers, no signature check
+            w.write(get(f"/v/vid_a/{good}/1/seg.m4s"))
+            status, headers, body = await read_response(r)
+            assert (status, headers["x-cache"], body) == (200, "edge=HIT", b"S" * 500)
+        assert fast.served == 3
+        for bad in (
+            keys.mint("vid_b", now, 3600),  # another video's token
+            keys.mint("vid_a", now - 7200, 60),  # expired
+            good[:-6] + "AAAAAA",  # tampered signature
+        ):
+            w.write(get(f"/v/vid_a/{bad}/1/seg.m4s"))
+            status, headers, body = await read_response(r)
+            assert status == 403 and b"bad_token" in body
+        assert fast.served == 3
+        w.close()
+    finally:
+        await runner.cleanup()
