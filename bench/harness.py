@@ -264,6 +264,7 @@ def start_vod(
     name: str | None = None,
     config: Path | None = None,
     access_log: bool = True,
+    control: str | None = None,
 ) -> Target:
     """`vod edge --tokens off` or `vod shield` with `procs` processes sharing one port
     (aiohttp's run_app binds with SO_REUSEPORT, so the kernel spreads connections). Each
@@ -272,7 +273,8 @@ def start_vod(
     port = free_port()
     cmd = [*VOD, tier, "--upstream", upstream, "--port", str(port)]
     if tier == "edge":
-        cmd += ["--tokens", "off"]
+        # tokens off (a generic caching proxy) unless a control URL for public keys is given
+        cmd += ["--tokens", "on", "--control", control] if control else ["--tokens", "off"]
     if not access_log:
         cmd += ["--access-log", "off"]
     if config is not None:

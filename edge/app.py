@@ -73,11 +73,9 @@ def fast_proxy_key(target: str) -> str | None:
     return target
 
 
-# /v/{videoId}/{token}/{version}/{file…} with nothing that needs decoding or dot segments
-_PLAIN_TOKENED = re.compile(
-    r"^/v/([A-Za-z0-9_~-][A-Za-z0-9._~-]*)/([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)"
-    r"((?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*){2,})$"
-)
+# the cache key of a plain media path: /v/{videoId}/{version}/{file…}, nothing to decode
+_PLAIN_KEY = re.compile(r"^/v(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*){3,}$")
+PARSED_TARGETS = 65536  # URLs whose parse the fast path keeps
 
 
 def fast_tokened_key(
@@ -85,16 +83,29 @@ def fast_tokened_key(
 ) -> Callable[[str], str | None]:
     """Cache keys for the fast path of the token-checked edge: only a plain media path whose
     token was verified before and is still good (VerifiedTokens' rules); anything else goes
-    the full way, which verifies (and refuses) as usual."""
+    the full way, which verifies (and refuses) as usual. The token is looked up before any
+    pattern is matched: it is the long part of the path, and an unknown one ends it at once."""
+
+    # target -> (cache key, video, token): players ask for the same URLs again and again, so
+    # the parse is done once per URL; the token's validity is still checked on every request.
+    parsed: dict[str, tuple[str, str, str]] = {}
 
     def key_of(target: str) -> str | None:
-        m = _PLAIN_TOKENED.match(target.partition("?")[0])
-        if m is None:
-            return None
-        vid, token, rest = m.groups()
+        hit = parsed.get(target)
+        if hit is None:
+            parts = target.partition("?")[0].split("/", 4)  # '', 'v', vid, token, rest
+            if len(parts) != 5 or parts[1] != "v":
+                return None
+            key = f"/v/{parts[2]}/{parts[4]}"
+            if not _PLAIN_KEY.match(key):
+                return None
+            if len(parsed) >= PARSED_TARGETS:
+                parsed.clear()
+            hit = parsed[target] = (key, parts[2], parts[3])
+        key, vid, token = hit
         if tokens.get(token, vid, clock(), ring.keys) is None:
             return None
-        return f"/v/{vid}{rest}"
+        return key
 
     return key_of
 

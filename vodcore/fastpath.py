@@ -117,6 +117,7 @@ class FastPath:
         self._requests = metrics.REQUESTS.labels(tier, "GET", "200")
         self._head_requests = metrics.REQUESTS.labels(tier, "HEAD", "200")
         self._latency = metrics.LATENCY.labels(tier)
+        self._answers = metrics.FAST_ANSWERS.labels(tier)
         self._blocks: dict[tuple[str, int], tuple[bytes, bool]] = {}
         self._date_second = -1
         self._date = b""
@@ -183,6 +184,7 @@ class FastPath:
                 self._requests.inc()
                 self.engine._bytes_sent.inc(len(entry.body))
             self.engine._count("hit")
+            self._answers.inc()
             self._latency.observe(time.perf_counter() - t0)
             if self.access_log:  # the same line FastAccessLogger writes for the full path
                 method = "HEAD" if req.head else "GET"

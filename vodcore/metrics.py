@@ -26,6 +26,9 @@ UPSTREAM_FETCHES = Counter(
 )
 UPSTREAM_LATENCY = Histogram("vod_upstream_seconds", "Upstream time to headers", ["tier"])
 BYTES_SENT = Counter("vod_bytes_sent_total", "Body bytes sent to clients", ["tier"])
+FAST_ANSWERS = Counter(
+    "vod_fastpath_answers_total", "Hits answered by the protocol-level fast path", ["tier"]
+)
 JOBS = Counter("vod_transcoder_jobs_total", "Transcoder jobs finished", ["result"])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
