@@ -32,7 +32,6 @@ import logging
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator, KeysView
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import orjson
 
 from vodcore.cache.admission import EvictionPolicy
 from vodcore.cache.policy import AgeInputs
-from vodcore.cache.storage import CachedResponse, default_policy
+from vodcore.cache.storage import CachedResponse, IndexedStorage, default_policy
 
 log = logging.getLogger("vod.cache.disk")
 
@@ -138,7 +137,7 @@ def _meta_of(body_path: Path) -> Path:
     return body_path.with_suffix(META)
 
 
-class DiskStorage:
+class DiskStorage(IndexedStorage):
     """Whole responses as files under `root`, bounded by `budget_bytes` (see module rules)."""
 
     def __init__(
@@ -169,32 +168,6 @@ class DiskStorage:
     def _files(entry: CachedResponse) -> list[Path]:
         assert entry.body_path is not None
         return [_meta_of(entry.body_path), entry.body_path]  # metadata first: uncommit, then
-
-    # Reads -----------------------------------------------------------------------------------
-    @property
-    def bytes_used(self) -> int:
-        return self.policy.bytes_used  # includes the writes in flight: their room is reserved
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._index
-
-    def get(self, key: str) -> CachedResponse | None:
-        self.policy.access(key)
-        return self._index.get(key)
-
-    def peek(self, key: str) -> CachedResponse | None:
-        """Look up without counting a request."""
-        return self._index.get(key)
-
-    def keys(self) -> Iterator[str]:
-        return iter(list(self._index))
-
-    def keys_view(self) -> KeysView[str]:
-        """A live view of the stored keys (set operations; do not mutate while iterating)."""
-        return self._index.keys()
 
     # Changes ---------------------------------------------------------------------------------
     def _forget(self, key: str) -> list[Path]:

@@ -141,7 +141,41 @@ def default_policy(budget_bytes: int, admission: EvictionPolicy | None) -> Evict
     return admission
 
 
-class MemoryStorage:
+class IndexedStorage:
+    """The reads every backend shares: an in-memory index of entries and an admission policy
+    that counts each request (`get`) but not a look that is not one (`peek`)."""
+
+    _index: dict[str, CachedResponse]
+    policy: EvictionPolicy
+
+    @property
+    def bytes_used(self) -> int:
+        return self.policy.bytes_used  # includes disk writes in flight: their room is reserved
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def get(self, key: str) -> CachedResponse | None:
+        self.policy.access(key)
+        return self._index.get(key)
+
+    def peek(self, key: str) -> CachedResponse | None:
+        """Look up without counting a request."""
+        return self._index.get(key)
+
+    def keys(self) -> Iterator[str]:
+        """A snapshot of the stored keys (safe to delete while iterating)."""
+        return iter(list(self._index))
+
+    def keys_view(self) -> KeysView[str]:
+        """A live view of the stored keys (set operations; do not mutate while iterating)."""
+        return self._index.keys()
+
+
+class MemoryStorage(IndexedStorage):
     """Whole responses in a dict; the admission policy decides what stays within the budget."""
 
     def __init__(
@@ -153,25 +187,7 @@ class MemoryStorage:
         self.budget_bytes = budget_bytes
         self.max_object_bytes = max_object_bytes
         self.policy = default_policy(budget_bytes, admission)
-        self._entries: dict[str, CachedResponse] = {}
-
-    @property
-    def bytes_used(self) -> int:
-        return self.policy.bytes_used
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def get(self, key: str) -> CachedResponse | None:
-        self.policy.access(key)
-        return self._entries.get(key)
-
-    def peek(self, key: str) -> CachedResponse | None:
-        """Look up without counting a request."""
-        return self._entries.get(key)
+        self._index: dict[str, CachedResponse] = {}
 
     async def put(self, entry: CachedResponse) -> bool:
         return self.put_nowait(entry)
@@ -190,9 +206,9 @@ class MemoryStorage:
             if k == entry.key:
                 admitted = False
             else:
-                self._entries.pop(k, None)
+                self._index.pop(k, None)
         if admitted:
-            self._entries[entry.key] = entry
+            self._index[entry.key] = entry
         return admitted
 
     async def update(
@@ -205,34 +221,27 @@ class MemoryStorage:
         etag: str | None,
         last_modified: float | None,
     ) -> CachedResponse | None:
-        old = self._entries.get(key)
+        old = self._index.get(key)
         if old is None:
             return None
         new = old.refreshed(
             headers=headers, age=age, lifetime=lifetime, etag=etag, last_modified=last_modified
         )
-        self._entries[key] = new
+        self._index[key] = new
         for k in self.policy.resize(key, new.charge):
-            self._entries.pop(k, None)
-        return self._entries.get(key)
+            self._index.pop(k, None)
+        return self._index.get(key)
 
     def _drop(self, key: str) -> bool:
         self.policy.remove(key)
-        return self._entries.pop(key, None) is not None
+        return self._index.pop(key, None) is not None
 
     async def delete(self, key: str) -> bool:
         return self._drop(key)
 
     async def clear(self) -> None:
-        self._entries.clear()
+        self._index.clear()
         self.policy.clear()
-
-    def keys(self) -> Iterator[str]:
-        return iter(list(self._entries))
-
-    def keys_view(self) -> KeysView[str]:
-        """A live view of the stored keys (set operations; do not mutate while iterating)."""
-        return self._entries.keys()
 
     async def open(self) -> None:
         pass
