@@ -26,6 +26,7 @@ from aiohttp import web
 from edge.keys import KeyRing
 from edge.tokencache import VerifiedTokens
 from vodcore.cache import CacheEngine
+from vodcore.cache.purgefeed import follow_purges
 from vodcore.config import Settings
 from vodcore.errors import BAD_PATH, BAD_TOKEN, ApiError
 from vodcore.fastpath import FastPath
@@ -152,6 +153,7 @@ def make_app(
     tokens: bool = True,
     control_url: str | None = None,
     fallback: list[str] | None = None,
+    purge_feed: bool = True,
 ) -> web.Application:
     """The edge's aiohttp app. Keys are spread over `upstreams` (shields) by rendezvous
     hashing; when no shield is usable, `fallback` (the origin) is asked directly, with a cap on
@@ -160,6 +162,8 @@ def make_app(
     engine = CacheEngine.from_settings(
         settings, TIER, upstreams, fallback=fallback, health_path="/healthz" if tokens else None
     )
+    if purge_feed and (tokens or control_url):
+        follow_purges(engine, settings, TIER, control_url or settings.url("control"))
     app = base_app(TIER)
     app[ENGINE_KEY] = engine
     app.cleanup_ctx.append(engine.cleanup_ctx)

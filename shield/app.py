@@ -13,6 +13,7 @@ import re
 from aiohttp import web
 
 from vodcore.cache import CacheEngine
+from vodcore.cache.purgefeed import follow_purges
 from vodcore.config import Settings
 from vodcore.fastpath import FastPath
 from vodcore.server import FAST_PATH_KEY, base_app, media_segments
@@ -41,9 +42,13 @@ async def serve(request: web.Request) -> web.StreamResponse:
     return await request.app[ENGINE_KEY].serve(request, path, path)
 
 
-def make_app(settings: Settings, upstreams: list[str]) -> web.Application:
+def make_app(
+    settings: Settings, upstreams: list[str], *, control_url: str | None = None
+) -> web.Application:
     """The shield's aiohttp app, filling from `upstreams` (origins, tried in order)."""
     engine = CacheEngine.from_settings(settings, TIER, upstreams)
+    if control_url:  # follow control's purge log (issue 4)
+        follow_purges(engine, settings, TIER, control_url)
     app = base_app(TIER)
     app[ENGINE_KEY] = engine
     app.cleanup_ctx.append(engine.cleanup_ctx)

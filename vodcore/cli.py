@@ -53,7 +53,7 @@ def cmd_tier(args: argparse.Namespace) -> int:
     elif tier == "shield":
         from shield.app import make_app as shield_app
 
-        app = shield_app(s, _upstreams(args.upstream, s.url("origin")))
+        app = shield_app(s, _upstreams(args.upstream, s.url("origin")), control_url=args.control)
     elif tier == "edge":
         from edge.app import make_app as edge_app
 
@@ -61,7 +61,7 @@ def cmd_tier(args: argparse.Namespace) -> int:
             s,
             _upstreams(args.upstream, s.url("shield")),
             tokens=args.tokens == "on",
-            control_url=args.control or s.url("control"),
+            control_url=args.control or (s.url("control") if args.tokens == "on" else None),
             fallback=_upstreams(args.origin, "") or None,
         )
     else:
@@ -127,7 +127,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     plan: list[tuple[str, list[str]]] = [
         ("control", [*base, "control", *common]),
         ("origin", [*base, "origin", *common]),
-        ("shield", [*base, "shield", *common, "--upstream", s.url("origin")]),
+        (
+            "shield",
+            [
+                *base,
+                "shield",
+                *common,
+                "--upstream",
+                s.url("origin"),
+                "--control",
+                s.url("control"),
+            ],
+        ),
         (
             "edge",
             [*base, "edge", *common, "--upstream", s.url("shield"), "--origin", s.url("origin")],
@@ -254,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--upstream", help="upstream URL[,URL…] (edge → shields, shield → origin)"
             )
+            sp.add_argument(
+                "--control", help="control URL: the purge log (edges: also public signing keys)"
+            )
         if tier == "edge":
             sp.add_argument(
                 "--tokens",
@@ -261,7 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
                 default="on",
                 help="off: a plain RFC 9111 caching reverse proxy",
             )
-            sp.add_argument("--control", help="control URL for public signing keys")
             sp.add_argument(
                 "--origin",
                 help="origin URL[,URL…] asked directly when no "

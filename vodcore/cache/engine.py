@@ -43,6 +43,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
@@ -55,11 +56,13 @@ from vodcore import metrics
 from vodcore.cache import conditional, policy
 from vodcore.cache.backends import build_storage
 from vodcore.cache.fill import Fill, FillFailed, Head
+from vodcore.cache.purgefeed import PurgeFeed
 from vodcore.cache.storage import CachedResponse, CacheStorage
 from vodcore.cache.upstreams import Upstream, UpstreamPool, response_ok
 from vodcore.cache.vary import STAR, same_variant, variant_key, vary_fields
 from vodcore.config import Settings
 from vodcore.errors import RANGE_NOT_SATISFIABLE, UPSTREAM_FAILED, UPSTREAM_TIMEOUT, ApiError
+from vodcore.purge import Purge, covers
 from vodcore.sendfile import StaleStat, open_for_range, send_file_range
 
 log = logging.getLogger("vod.cache")
@@ -148,6 +151,10 @@ class Resume:
         self.tried.append(self.first)
 
 
+def _field(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
 def _strong(etag: str | None) -> bool:
     return etag is not None and etag.startswith('"')  # W/"…" is weak (RFC 9110 §8.8.3)
 
@@ -197,6 +204,7 @@ class CacheEngine:
         self._vary: dict[str, tuple[str, ...]] = {}  # primary key -> Vary fields learned
         self._too_large: dict[str, float] = {}  # primary key -> until when to pass it through
         self._background: set[asyncio.Task[None]] = set()
+        self.feed: PurgeFeed | None = None  # the purge log this node follows, if any
         self._via = f"1.1 vodstack-{tier}"  # RFC 9110 §7.6.3
         # prometheus children resolved once: labels() is a lookup per call on the hit path
         self._results: dict[str, Counter] = {}
@@ -248,6 +256,8 @@ class CacheEngine:
         )
         await self.storage.open()
         await self.pool.start(self._session)
+        if self.feed is not None:
+            await self.feed.start(self._session)
         self._gauges()
 
     async def close(self) -> None:
@@ -256,6 +266,8 @@ class CacheEngine:
                 job.task.cancel()
         for task in list(self._background):
             task.cancel()
+        if self.feed is not None:
+            await self.feed.close()
         await self.pool.close()
         await self.storage.close()
         if self._session is not None:
@@ -885,6 +897,43 @@ class CacheEngine:
         for target in targets:
             await self.invalidate(key_for(target))
         return resp
+
+    def follow_purges(self, control_url: str, node_id: str, state_path: Path) -> PurgeFeed:
+        """Follow control's purge log (started and stopped with the engine)."""
+        self.feed = PurgeFeed(control_url, node_id, self.tier, self.apply_purge, state_path)
+        return self.feed
+
+    async def apply_purge(self, purge: Purge) -> int:
+        """Drop (or, soft, mark stale) every stored object `purge` covers, and fence off fills
+        in flight for them so none stores pre-purge bytes afterwards. Returns how many."""
+        for vkey, job in list(self._fills.items()):
+            head = job.fill._head
+            sk = None
+            if head.done() and not head.cancelled() and head.exception() is None:
+                sk = _field(head.result().headers, "surrogate-key")
+            if covers(purge, vkey, sk):
+                job.invalidated = True
+                self._fills.pop(vkey, None)
+        n = 0
+        for key in list(self.storage.keys()):
+            entry = self.storage.peek(key)
+            if entry is None or not covers(purge, key, _field(entry.headers, "surrogate-key")):
+                continue
+            n += 1
+            if purge.soft:  # stale from now on: the next use revalidates (RFC 9111 §4.3)
+                await self.storage.update(
+                    key,
+                    headers=entry.headers,
+                    age=entry.age,
+                    lifetime=0.0,
+                    etag=entry.etag,
+                    last_modified=entry.last_modified,
+                )
+            else:
+                await self.storage.delete(key)
+        if n:
+            self._gauges()
+        return n
 
     async def invalidate(self, key: str) -> int:
         """Drop every stored variant of primary key `key`; returns how many."""

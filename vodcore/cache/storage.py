@@ -97,6 +97,10 @@ class CacheStorage(Protocol):
         """Index lookup; records the request with the admission policy (hit or miss)."""
         ...
 
+    def peek(self, key: str) -> CachedResponse | None:
+        """Look up without counting a request (purges, bookkeeping)."""
+        ...
+
     async def put(self, entry: CachedResponse) -> bool:
         """Store `entry` (with `body` bytes), replacing any entry under its key. False if
         refused: too big, or not admitted by the policy."""

@@ -68,6 +68,10 @@ class TieredStorage:
     def __contains__(self, key: object) -> bool:
         return key in self.memory or key in self.disk
 
+    def peek(self, key: str) -> CachedResponse | None:
+        """Look up without counting a request."""
+        return self.memory.peek(key) or self.disk.peek(key)
+
     def keys(self) -> Iterator[str]:
         return iter(list(self.disk.keys_view() | self.memory.keys_view()))
 

@@ -91,3 +91,35 @@ events = Table(
     Column("payload", JSON, nullable=True),
     Column("created_at", Float, nullable=False),
 )
+
+# Purges: an append-only, ordered log (seq) that every caching node replays from its last
+# applied seq, and the acknowledgements that say which node applied what (issue 4).
+purges = Table(
+    "purges",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),  # video | keys | prefix | all
+    Column("targets", JSON, nullable=False),  # video ids, surrogate keys or path prefixes
+    Column("soft", Integer, nullable=False, default=0),  # 1: mark stale, revalidate
+    Column("created_by", String(40), nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(80), primary_key=True),  # e.g. edge@127.0.0.1:8080
+    Column("tier", String(16), nullable=False),
+    Column("applied_seq", Integer, nullable=False, default=0),
+    Column("last_seen", Float, nullable=False),
+)
+
+purge_acks = Table(
+    "purge_acks",
+    metadata,
+    Column("seq", Integer, nullable=False, index=True),
+    Column("node_id", String(80), nullable=False),
+    Column("applied_at", Float, nullable=False),
+    UniqueConstraint("seq", "node_id", name="uq_purge_acks_seq_node"),
+)

@@ -1,0 +1,223 @@
+"""Purge API and the purge stream caching nodes follow (issue 4).
+
+- `POST /v1/purges` (operator) appends a purge to the log (table `purges`, ordered by `seq`)
+  in one transaction with its event, and wakes every open stream at once → 202
+  `{purgeId, seq}`.
+- `GET /v1/purges/stream?after=SEQ&node=ID&tier=T` is a server-sent-event stream of every purge
+  with seq > SEQ, in order, then of new ones as they are appended; `id:` is the seq, so a node
+  that reconnects resumes from the last one it applied and misses nothing (the log is durable).
+  Comments (`: ping`) keep idle connections alive and refresh the node's last-seen time.
+- `POST /v1/purges/acks {node, tier, seqs}`: a node says which purges it applied.
+- `GET /v1/purges/{id}`: which active nodes (seen in the last `ACTIVE_SECONDS`) applied it and
+  when, and `complete` once all of them have.
+Wake-ups are in-process (one control process); every stream also re-reads the log every
+`POLL_SECONDS`, so a purge written by another control process still arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from control.auth import authenticate
+from control.ids import new_id
+from control.validation import decode_json
+from vodcore.db.schema import nodes, purge_acks, purges, videos
+from vodcore.db.videos import append_event
+from vodcore.errors import NOT_FOUND, VALIDATION, ApiError
+from vodcore.purge import Purge, parse_request
+
+ACTIVE_SECONDS = 60.0
+POLL_SECONDS = 1.0
+PING_SECONDS = 10.0
+BATCH = 500
+
+
+def _row_to_purge(row: Any) -> Purge:
+    return Purge(row.seq, row.id, row.kind, tuple(row.targets), bool(row.soft))
+
+
+class Purges:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._new = asyncio.Event()
+        self._closing = False
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        # Streams never end on their own: end them now so a graceful stop does not wait.
+        self._closing = True
+        self._wake()
+
+    def routes(self, app: web.Application) -> None:
+        app.on_shutdown.append(self._on_shutdown)
+        app.router.add_post("/v1/purges", self.create)
+        app.router.add_get("/v1/purges/stream", self.stream)
+        app.router.add_post("/v1/purges/acks", self.acks)
+        app.router.add_get("/v1/purges/{id}", self.status)
+
+    def _wake(self) -> None:
+        self._new.set()
+        self._new = asyncio.Event()
+
+    async def create(self, request: web.Request) -> web.Response:
+        principal = await authenticate(self.engine, request, roles=("operator",))
+        kind, targets, soft = parse_request(decode_json(await request.read()))
+        now = time.time()
+        pid = new_id("pg")
+        async with self.engine.begin() as conn:
+            if kind == "video":
+                found = (
+                    await conn.execute(select(videos.c.id).where(videos.c.id.in_(targets)))
+                ).scalars()
+                missing = set(targets) - set(found)
+                if missing:
+                    raise ApiError(NOT_FOUND, f"no such video: {', '.join(sorted(missing))}")
+            res = await conn.execute(
+                purges.insert().values(
+                    id=pid, kind=kind, targets=list(targets), soft=int(soft),
+                    created_by=principal.key_id, created_at=now,
+                )
+            )  # fmt: skip
+            pk = res.inserted_primary_key
+            assert pk is not None
+            seq = int(pk[0])
+            await append_event(
+                conn, "purge.created", targets[0] if kind == "video" else None,
+                {"purgeId": pid, "seq": seq, "kind": kind, "targets": list(targets),
+                 "soft": soft, "by": principal.key_id}, now,
+            )  # fmt: skip
+        self._wake()
+        return web.json_response({"purgeId": pid, "seq": seq}, status=202)
+
+    async def status(self, request: web.Request) -> web.Response:
+        pid = request.match_info["id"]
+        now = time.time()
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(purges).where(purges.c.id == pid))).first()
+            if row is None:
+                raise ApiError(NOT_FOUND, "no such purge")
+            active = (
+                await conn.execute(select(nodes).where(nodes.c.last_seen >= now - ACTIVE_SECONDS))
+            ).all()
+            acked = {
+                r.node_id: r.applied_at
+                for r in (
+                    await conn.execute(select(purge_acks).where(purge_acks.c.seq == row.seq))
+                ).all()
+            }
+        report = [
+            {
+                "node": n.id,
+                "tier": n.tier,
+                "applied": n.applied_seq >= row.seq,
+                "appliedAt": acked.get(n.id),
+            }
+            for n in active
+        ]
+        return web.json_response(
+            {
+                **_row_to_purge(row).to_json(),
+                "createdAt": row.created_at,
+                "nodes": report,
+                "complete": bool(report) and all(r["applied"] for r in report),
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _seen(self, node: str, tier: str, now: float) -> None:
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(nodes).where(nodes.c.id == node).values(last_seen=now, tier=tier)
+            )
+            if res.rowcount == 0:
+                await conn.execute(
+                    nodes.insert().values(id=node, tier=tier, applied_seq=0, last_seen=now)
+                )
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        after_s = request.query.get("after", "0")
+        node = request.query.get("node", "")
+        tier = request.query.get("tier", "")
+        if not after_s.isdigit() or not node or len(node) > 80 or tier not in ("edge", "shield"):
+            raise ApiError(VALIDATION, "after (a number), node and tier (edge|shield) required")
+        after = int(after_s)
+        await self._seen(node, tier, time.time())
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        )
+        await resp.prepare(request)
+        last_ping = time.monotonic()
+        while not self._closing:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break  # the node went away
+            new = self._new  # taken before reading, so a purge appended meanwhile wakes us
+            async with self.engine.connect() as conn:
+                rows = (
+                    await conn.execute(
+                        select(purges)
+                        .where(purges.c.seq > after)
+                        .order_by(purges.c.seq)
+                        .limit(BATCH)
+                    )
+                ).all()
+            if rows:
+                out = []
+                for row in rows:
+                    data = orjson.dumps(_row_to_purge(row).to_json()).decode()
+                    out.append(f"id: {row.seq}\nevent: purge\ndata: {data}\n\n")
+                    after = row.seq
+                await resp.write("".join(out).encode())
+                continue
+            if time.monotonic() - last_ping >= PING_SECONDS:
+                await resp.write(b": ping\n\n")
+                await self._seen(node, tier, time.time())
+                last_ping = time.monotonic()
+            try:
+                await asyncio.wait_for(new.wait(), POLL_SECONDS)
+            except TimeoutError:
+                pass
+        return resp
+
+    async def acks(self, request: web.Request) -> web.Response:
+        doc = decode_json(await request.read())
+        if not isinstance(doc, dict):
+            raise ApiError(VALIDATION, "the body must be a JSON object")
+        node, tier, seqs = doc.get("node"), doc.get("tier"), doc.get("seqs")
+        if (
+            not isinstance(node, str) or not node or len(node) > 80
+            or tier not in ("edge", "shield")
+            or not isinstance(seqs, list) or not seqs
+            or not all(type(s) is int and s > 0 for s in seqs)
+        ):  # fmt: skip
+            raise ApiError(VALIDATION, "node, tier (edge|shield) and seqs (positive ints)")
+        now = time.time()
+        await self._seen(node, tier, now)
+        async with self.engine.begin() as conn:
+            known = set(
+                (
+                    await conn.execute(select(purge_acks.c.seq).where(
+                        and_(purge_acks.c.node_id == node, purge_acks.c.seq.in_(seqs))
+                    ))
+                ).scalars()
+            )  # fmt: skip
+            fresh = sorted(set(seqs) - known)
+            if fresh:
+                await conn.execute(
+                    purge_acks.insert(),
+                    [{"seq": s, "node_id": node, "applied_at": now} for s in fresh],
+                )
+            top = max(seqs)
+            await conn.execute(
+                update(nodes)
+                .where(and_(nodes.c.id == node, nodes.c.applied_seq < top))
+                .values(applied_seq=top)
+            )
+            total = (await conn.execute(select(func.count()).select_from(purges))).scalar_one()
+        return web.json_response({"node": node, "appliedSeq": top, "purges": total})

@@ -1,0 +1,245 @@
+"""Purges end to end over loopback: control's API and log, an edge following the stream,
+acknowledgements and completeness, replay after a node was down, resynchronisation on garbage
+and gaps, and the API's bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from control.app import make_app as control_app
+from control.auth import create_key
+from edge.app import ENGINE_KEY
+from edge.app import make_app as edge_app
+from tests.integration.test_cache_engine import Upstream, _start_upstream, fixed
+from vodcore.cache.purgefeed import PurgeFeed, Resync
+from vodcore.config import Settings
+from vodcore.db.engine import create_schema, make_engine
+from vodcore.db.schema import videos
+from vodcore.purge import Purge
+from vodcore.server import start_server
+
+VID = "vid_purgepurgepurgep"
+
+
+@dataclass
+class World:
+    control: str
+    operator: str
+    creator: str
+    upstream: Upstream
+    tmp: Path
+    runners: list[web.AppRunner]
+
+    async def edge(self, name: str = "e") -> tuple[str, web.Application, web.AppRunner]:
+        settings = Settings(data_dir=self.tmp / name, upstream_timeout_seconds=3)
+        app = edge_app(settings, [self.upstream.url], tokens=False, control_url=self.control)
+        runner = await start_server(app, "127.0.0.1", 0, access_log=False)
+        self.runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}", app, runner
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    data = tmp_path / "control"
+    data.mkdir()
+    settings = Settings(data_dir=data)
+    db = make_engine(settings.db_url)
+    await create_schema(db)
+    async with db.begin() as conn:
+        operator = await create_key(conn, "operator", 0.0)
+        creator = await create_key(conn, "creator", 0.0)
+        await conn.execute(
+            videos.insert().values(
+                id=VID, title="t", description="", visibility="public", state="READY",
+                created_at=0.0, updated_at=0.0,
+            )
+        )  # fmt: skip
+    await db.dispose()
+    ctl = await start_server(control_app(settings), "127.0.0.1", 0, access_log=False)
+    up = await _start_upstream()
+    for i in range(3):
+        up.routes[f"/v/{VID}/1/seg-{i}.m4s"] = fixed(
+            f"seg{i}".encode(), "public, max-age=31536000, immutable", **{"Surrogate-Key": VID}
+        )
+    up.routes["/v/other/1/seg.m4s"] = fixed(b"other", "public, max-age=3600")
+    w = World(f"http://127.0.0.1:{ctl.addresses[0][1]}", operator, creator, up, tmp_path, [ctl])
+    yield w
+    for r in reversed(w.runners):
+        await r.cleanup()
+    assert up.server is not None
+    await up.server.close()
+
+
+async def fetch(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        await r.read()
+        return r.status, r.headers.get("X-Cache", "")
+
+
+async def purge(w: World, body: object, key: str | None = None) -> aiohttp.ClientResponse:
+    async with aiohttp.ClientSession() as s:
+        headers = {"Authorization": f"Bearer {key or w.operator}"}
+        r = await s.post(f"{w.control}/v1/purges", json=body, headers=headers)
+        await r.read()
+        return r
+
+
+async def status(w: World, pid: str) -> dict[str, object]:
+    async with aiohttp.ClientSession() as s, s.get(f"{w.control}/v1/purges/{pid}") as r:
+        assert r.status == 200
+        doc: dict[str, object] = await r.json()
+        return doc
+
+
+async def wait_complete(w: World, pid: str, nodes: int = 1) -> dict[str, object]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        doc = await status(w, pid)
+        if doc["complete"] and len(doc["nodes"]) >= nodes:  # type: ignore[arg-type]
+            return doc
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"purge {pid} never completed: {doc}")
+
+
+async def wait_node(w: World, url: str) -> None:
+    """Until the edge has connected to the stream (it registers as a node)."""
+    for _ in range(200):
+        doc = await purge_probe(w)
+        if doc:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def purge_probe(w: World) -> bool:
+    r = await purge(w, {"prefix": "/nothing-here/"})
+    doc = await status(w, (await r.json())["purgeId"]) if r.status == 202 else {}
+    return bool(doc.get("nodes"))
+
+
+async def test_video_purge_reaches_the_edge_and_reports_complete(world: World) -> None:
+    url, _app, _r = await world.edge()
+    seg = f"{url}/v/{VID}/1/seg-0.m4s"
+    other = f"{url}/v/other/1/seg.m4s"
+    for u in (seg, other):
+        await fetch(u)
+        assert (await fetch(u))[1] == "edge=HIT"
+    await wait_node(world, url)
+    r = await purge(world, {"videoId": VID})
+    assert r.status == 202
+    body = await r.json()
+    assert body["purgeId"].startswith("pg_") and body["seq"] >= 1
+    doc = await wait_complete(world, body["purgeId"])
+    node = doc["nodes"][0]  # type: ignore[index]
+    assert node["applied"] and node["appliedAt"] and node["tier"] == "edge"
+    assert (await fetch(seg))[1] == "edge=MISS"  # purged
+    assert (await fetch(other))[1] == "edge=HIT"  # another video's object stays
+
+
+@pytest.mark.parametrize(
+    ("body", "purged", "kept"),
+    [
+        ({"surrogateKeys": [VID]}, f"/v/{VID}/1/seg-1.m4s", "/v/other/1/seg.m4s"),
+        ({"prefix": "/v/other/"}, "/v/other/1/seg.m4s", f"/v/{VID}/1/seg-1.m4s"),
+        ({"all": True}, "/v/other/1/seg.m4s", None),
+    ],
+)
+async def test_key_prefix_and_all_purges(
+    world: World, body: dict[str, object], purged: str, kept: str | None
+) -> None:
+    url, _app, _r = await world.edge()
+    for p in (purged, kept):
+        if p:
+            await fetch(url + p)
+    await wait_node(world, url)
+    r = await purge(world, body)
+    await wait_complete(world, (await r.json())["purgeId"])
+    assert (await fetch(url + purged))[1] == "edge=MISS"
+    if kept:
+        assert (await fetch(url + kept))[1] == "edge=HIT"
+
+
+async def test_soft_purge_revalidates(world: World) -> None:
+    url, _app, _r = await world.edge()
+    seg = f"{url}/v/{VID}/1/seg-2.m4s"
+    await fetch(seg)
+    await wait_node(world, url)
+    r = await purge(world, {"videoId": VID, "soft": True})
+    await wait_complete(world, (await r.json())["purgeId"])
+    status_, x_cache = await fetch(seg)
+    assert status_ == 200 and x_cache != "edge=HIT"  # stale: went upstream to revalidate
+
+
+async def test_a_node_that_was_down_replays_what_it_missed(world: World) -> None:
+    url, app, runner = await world.edge("down")
+    seg = f"{url}/v/{VID}/1/seg-0.m4s"
+    await fetch(seg)
+    await wait_node(world, url)
+    applied = app[ENGINE_KEY].feed.applied  # type: ignore[union-attr]
+    await runner.cleanup()  # the edge goes down (its disk tier keeps the object)
+    world.runners.remove(runner)
+    r = await purge(world, {"videoId": VID})
+    pid = (await r.json())["purgeId"]
+    url, app, _r = await world.edge("down")  # back, same data dir
+    feed = app[ENGINE_KEY].feed
+    assert feed is not None and feed.applied == applied  # remembered across the restart
+    for _ in range(300):
+        if feed.applied >= (await r.json())["seq"]:
+            break
+        await asyncio.sleep(0.02)
+    assert feed.applied >= (await r.json())["seq"]
+    assert (await fetch(f"{url}/v/{VID}/1/seg-0.m4s"))[1] == "edge=MISS"
+    assert pid
+
+
+async def test_stream_consumer_resynchronises_on_garbage_and_gaps(tmp_path: Path) -> None:
+    applied: list[int] = []
+
+    async def apply(p: Purge) -> None:
+        applied.append(p.seq)
+
+    feed = PurgeFeed("http://127.0.0.1:9", "n", "edge", apply, tmp_path / "seq")
+    feed._session = None  # acks are not under test here
+    feed._ack = lambda seq: asyncio.sleep(0)  # type: ignore[method-assign]
+
+    def ev(seq: int) -> list[str]:
+        return [f'{{"seq": {seq}, "purgeId": "pg_x", "kind": "all", "targets": []}}']
+
+    await feed._dispatch(ev(1), first=True)
+    await feed._dispatch(ev(1), first=False)  # a replay: ignored
+    with pytest.raises(Resync):
+        await feed._dispatch(["not json"], first=False)
+    with pytest.raises(Resync):
+        await feed._dispatch(ev(3), first=False)  # 2 is missing: resync first
+    await feed._dispatch(ev(3), first=True)  # the same gap right after a resync: real
+    assert applied == [1, 3] and feed.applied == 3
+    assert (tmp_path / "seq").read_text() == "3"  # remembered for a restart
+
+
+@pytest.mark.parametrize(
+    ("body", "role", "status_"),
+    [
+        ({}, "operator", 422),
+        ({"videoId": VID, "prefix": "/v/"}, "operator", 422),
+        ({"videoId": "vid_nosuchvideoxxxxx"}, "operator", 404),
+        ({"prefix": "relative"}, "operator", 422),
+        ({"all": False}, "operator", 422),
+        ({"surrogateKeys": []}, "operator", 422),
+        ({"videoId": VID}, "creator", 403),
+        ({"videoId": VID}, "none", 401),
+        ("garbage", "operator", 422),
+    ],
+)
+async def test_bad_purge_requests(world: World, body: object, role: str, status_: int) -> None:
+    key = {"operator": world.operator, "creator": world.creator, "none": "nope"}[role]
+    r = await purge(world, body, key)
+    assert r.status == status_
+    async with aiohttp.ClientSession() as s, s.get(f"{world.control}/v1/purges/pg_nope") as r2:
+        assert r2.status == 404

@@ -1,0 +1,168 @@
+"""A caching node's side of the purge log: follow control's stream, apply every purge in order,
+acknowledge it (issue 4).
+
+Rules:
+- the node remembers the last seq it applied (a small state file, written atomically), and
+  (re)connects with `after=` that seq, so purges issued while it was down or disconnected are
+  replayed before newer ones: none is skipped;
+- purges are applied strictly in seq order; a purge already applied (seq ≤ applied) is
+  ignored; garbage, or a seq that skips ahead, makes the node drop the connection and
+  resynchronise from what it applied. A gap that is still there right after a resync is real
+  (the log has no row there, e.g. a rolled-back insert) and is accepted;
+- every applied purge is acknowledged to control, which reports completeness;
+- reconnects back off from 0.2 s to 5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import aiohttp
+import orjson
+
+from vodcore.purge import Purge
+
+if TYPE_CHECKING:
+    from vodcore.cache.engine import CacheEngine
+    from vodcore.config import Settings
+
+log = logging.getLogger("vod.purge")
+
+
+class Resync(Exception):
+    """The stream said something we cannot apply in order: reconnect from `applied`."""
+
+
+class PurgeFeed:
+    def __init__(
+        self,
+        control_url: str,
+        node_id: str,
+        tier: str,
+        apply: Callable[[Purge], Awaitable[object]],
+        state_path: Path | None = None,
+    ) -> None:
+        self.control = control_url.rstrip("/")
+        self.node_id = node_id
+        self.tier = tier
+        self.apply = apply
+        self.state_path = state_path
+        self.applied = self._load()
+        self.connected = False
+        self._accept_gap_at: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _load(self) -> int:
+        if self.state_path is None:
+            return 0
+        try:
+            return int(self.state_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(str(self.applied))
+        os.replace(tmp, self.state_path)
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._task = asyncio.create_task(self._run(session))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self, session: aiohttp.ClientSession) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self._follow(session)
+            except (aiohttp.ClientError, TimeoutError, ConnectionError, Resync) as e:
+                log.info("%s: purge stream: %s; resuming after seq %d", self.node_id, e,
+                         self.applied)  # fmt: skip
+            except Exception:
+                log.exception("%s: purge stream failed", self.node_id)
+            self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(5.0, backoff * 2)
+
+    async def _follow(self, session: aiohttp.ClientSession) -> None:
+        url = (
+            f"{self.control}/v1/purges/stream?after={self.applied}"
+            f"&node={self.node_id}&tier={self.tier}"
+        )
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+        async with session.get(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise Resync(f"control answered {resp.status}")
+            self.connected = True
+            first = True
+            event, data = "", cast(list[str], [])
+            async for raw in resp.content:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line == "":  # end of an event (text/event-stream)
+                    if event == "purge":
+                        await self._dispatch(data, first)
+                        first = False
+                    event, data = "", []
+                elif line.startswith(":"):
+                    continue  # a comment: keep-alive
+                else:
+                    name, _, value = line.partition(":")
+                    value = value[1:] if value.startswith(" ") else value
+                    if name == "event":
+                        event = value
+                    elif name == "data":
+                        data.append(value)
+        raise ConnectionError("the purge stream ended")
+
+    async def _dispatch(self, data: list[str], first: bool) -> None:
+        try:
+            purge = Purge.from_json(orjson.loads("\n".join(data)))
+        except (ValueError, orjson.JSONDecodeError) as e:
+            raise Resync(f"garbage on the stream: {e}") from None
+        if purge.seq <= self.applied:
+            return  # already applied (a replay)
+        if purge.seq != self.applied + 1:
+            # Skipping ahead: resync once; if the same gap opens the stream again, it is real.
+            if not (first and self._accept_gap_at == purge.seq):
+                self._accept_gap_at = purge.seq
+                raise Resync(f"gap: applied {self.applied}, got {purge.seq}")
+        self._accept_gap_at = None
+        await self.apply(purge)
+        self.applied = purge.seq
+        await asyncio.to_thread(self._save)
+        await self._ack(purge.seq)
+
+    async def _ack(self, seq: int) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                f"{self.control}/v1/purges/acks",
+                json={"node": self.node_id, "tier": self.tier, "seqs": [seq]},
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as r:
+                await r.read()
+        except (aiohttp.ClientError, TimeoutError):
+            log.warning("%s: could not acknowledge purge %d", self.node_id, seq)
+
+
+def follow_purges(engine: CacheEngine, settings: Settings, tier: str, control_url: str) -> None:
+    """Make a tier's engine follow control's purge log; the node id names tier, address and
+    process (SO_REUSEPORT siblings are separate caches), the applied seq lives per process."""
+    node = f"{tier}@{settings.host}:{settings.port(tier)}/{os.getpid()}"
+    state = settings.data_dir / "cache" / f"{tier}-{settings.port(tier)}.purge-seq"
+    engine.follow_purges(control_url, node, state)
