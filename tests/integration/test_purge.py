@@ -18,6 +18,8 @@ from control.app import make_app as control_app
 from control.auth import create_key
 from edge.app import ENGINE_KEY
 from edge.app import make_app as edge_app
+from shield.app import ENGINE_KEY as SHIELD_ENGINE
+from shield.app import make_app as shield_app
 from tests.integration.test_cache_engine import Upstream, _start_upstream, fixed
 from vodcore.cache.purgefeed import PurgeFeed, Resync
 from vodcore.config import Settings
@@ -243,3 +245,32 @@ async def test_bad_purge_requests(world: World, body: object, role: str, status_
     assert r.status == status_
     async with aiohttp.ClientSession() as s, s.get(f"{world.control}/v1/purges/pg_nope") as r2:
         assert r2.status == 404
+
+
+async def test_an_edge_never_gets_pre_purge_bytes_back_from_a_lagging_shield(
+    world: World,
+) -> None:
+    """The shield follows a control it cannot reach, so it never applies the purge; the edge
+    applied it and says so (X-Purge-Seq): the shield must not answer from its cache."""
+    shield_settings = Settings(data_dir=world.tmp / "shield", upstream_timeout_seconds=3)
+    shield = shield_app(shield_settings, [world.upstream.url], control_url="http://127.0.0.1:9")
+    shield[SHIELD_ENGINE].purge_wait_seconds = 0.2
+    sr = await start_server(shield, "127.0.0.1", 0, access_log=False)
+    world.runners.append(sr)
+    shield_url = f"http://127.0.0.1:{sr.addresses[0][1]}"
+    settings = Settings(data_dir=world.tmp / "edge", upstream_timeout_seconds=3)
+    edge = edge_app(settings, [shield_url], tokens=False, control_url=world.control)
+    er = await start_server(edge, "127.0.0.1", 0, access_log=False)
+    world.runners.append(er)
+    url = f"http://127.0.0.1:{er.addresses[0][1]}/v/{VID}/1/seg-0.m4s"
+    await fetch(url)
+    assert (await fetch(url))[1] == "edge=HIT"
+    origin_fetches = world.upstream.hits[f"/v/{VID}/1/seg-0.m4s"]
+    await wait_node(world, url)
+    r = await purge(world, {"videoId": VID})
+    doc = await wait_complete(world, (await r.json())["purgeId"])
+    assert [n["tier"] for n in doc["nodes"]] == ["edge"]  # type: ignore[index]
+    status_, x_cache = await fetch(url)
+    assert status_ == 200 and x_cache == "edge=MISS, shield=MISS"
+    # the shield held the object but did not hand it back: the origin was asked again
+    assert world.upstream.hits[f"/v/{VID}/1/seg-0.m4s"] == origin_fetches + 1

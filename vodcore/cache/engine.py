@@ -118,8 +118,10 @@ NOT_FORWARDED_ON_FILL = HOP_BY_HOP | {
     "content-length",
     "cache-control",
     "pragma",
+    "x-purge-seq",  # replaced by this node's own (see _fill_request_headers)
 }
 RETRY_STATUSES = frozenset({502, 503, 504})
+PURGE_SEQ = "x-purge-seq"  # request field: the purge seq the asking tier has applied
 FULL = conditional.Selection(conditional.Outcome.FULL)
 CHUNK = 256 * 1024
 TOO_LARGE_MEMO_SECONDS = 60.0
@@ -205,6 +207,7 @@ class CacheEngine:
         self._too_large: dict[str, float] = {}  # primary key -> until when to pass it through
         self._background: set[asyncio.Task[None]] = set()
         self.feed: PurgeFeed | None = None  # the purge log this node follows, if any
+        self.purge_wait_seconds = 1.0  # how long a request waits for this node to catch up
         self._via = f"1.1 vodstack-{tier}"  # RFC 9110 §7.6.3
         # prometheus children resolved once: labels() is a lookup per call on the hit path
         self._results: dict[str, Counter] = {}
@@ -300,6 +303,14 @@ class CacheEngine:
         if "Authorization" in req or "Cookie" in req or self._too_large.get(key, 0) > now:
             self._count("pass")
             return await self._pass_through(request, upstream_path, key)
+
+        need = req.get(PURGE_SEQ)
+        if need is not None and self.feed is not None and need.isdigit():
+            if not await self.feed.wait_for(int(need), self.purge_wait_seconds):
+                # Still behind the purges the asking tier has applied: do not answer from
+                # this cache (it may hold what they removed); go upstream for this one.
+                self._count("pass")
+                return await self._pass_through(request, upstream_path, key)
 
         own = False  # True: this request must fetch for itself (an unshareable response)
         for _ in range(3):
@@ -441,6 +452,10 @@ class CacheEngine:
         headers = {k: v for k, v in req.items() if k not in NOT_FORWARDED_ON_FILL}
         headers["accept-encoding"] = "identity"
         headers["via"] = f"{req['via']}, {self._via}" if "via" in req else self._via
+        if self.feed is not None:
+            # The purges this node has applied: an upstream cache that has not applied them
+            # yet must not hand back an object they removed (no stale bytes across tiers).
+            headers[PURGE_SEQ] = str(self.feed.applied)
         return headers
 
     async def _run_fill(self, job: FillJob, vkey: str | None, key: str, path: str) -> None:

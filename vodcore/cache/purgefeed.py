@@ -58,6 +58,7 @@ class PurgeFeed:
         self._accept_gap_at: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._advanced = asyncio.Event()
 
     def _load(self) -> int:
         if self.state_path is None:
@@ -74,6 +75,17 @@ class PurgeFeed:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(str(self.applied))
         os.replace(tmp, self.state_path)
+
+    async def wait_for(self, seq: int, within: float) -> bool:
+        """Wait (woken by each applied purge, never polling) until `seq` is applied; False if
+        it is not within `within` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                while self.applied < seq:
+                    await self._advanced.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
@@ -144,6 +156,8 @@ class PurgeFeed:
         self._accept_gap_at = None
         await self.apply(purge)
         self.applied = purge.seq
+        self._advanced.set()
+        self._advanced = asyncio.Event()
         await asyncio.to_thread(self._save)
         await self._ack(purge.seq)
 
