@@ -177,6 +177,21 @@ def get_json(url: str) -> Any:
     return json.loads(get(url)[2])
 
 
+def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    """POST a JSON body; the decoded JSON answer (BenchError on a 4xx/5xx)."""
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise BenchError(f"POST {url}: {e.code} {e.read()[:200]!r}") from None
+
+
 # --- the servers ----------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Any
 
 import orjson
@@ -37,6 +38,7 @@ ACTIVE_SECONDS = 60.0
 POLL_SECONDS = 1.0
 PING_SECONDS = 10.0
 BATCH = 500
+TAIL = 10_000  # recent purges kept in memory for the streams
 
 
 def _row_to_purge(row: Any) -> Purge:
@@ -48,6 +50,9 @@ class Purges:
         self.engine = engine
         self._new = asyncio.Event()
         self._closing = False
+        # The recent tail of the log, in seq order, so open streams need no database read per
+        # purge; a stream further behind reads the database.
+        self._tail: deque[Purge] = deque(maxlen=TAIL)
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         # Streams never end on their own: end them now so a graceful stop does not wait.
@@ -92,6 +97,8 @@ class Purges:
                 {"purgeId": pid, "seq": seq, "kind": kind, "targets": list(targets),
                  "soft": soft, "by": principal.key_id}, now,
             )  # fmt: skip
+        if not self._tail or self._tail[-1].seq < seq:
+            self._tail.append(Purge(seq, pid, kind, targets, soft))
         self._wake()
         return web.json_response({"purgeId": pid, "seq": seq}, status=202)
 
@@ -130,6 +137,22 @@ class Purges:
             headers={"Cache-Control": "no-store"},
         )
 
+    async def _after(self, after: int) -> list[Purge]:
+        """Purges with seq > `after`, in order (at most BATCH): from the in-memory tail when it
+        covers them, else from the log. A new process starts with an empty tail, and seqs
+        below its first entry may exist only in the database, so the tail answers alone only
+        when its first entry is at or below after + 1."""
+        tail = self._tail
+        if tail and tail[0].seq <= after + 1:
+            return [p for p in tail if p.seq > after][:BATCH]
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(purges).where(purges.c.seq > after).order_by(purges.c.seq).limit(BATCH)
+                )
+            ).all()
+        return [_row_to_purge(r) for r in rows]
+
     async def _seen(self, node: str, tier: str, now: float) -> None:
         async with self.engine.begin() as conn:
             res = await conn.execute(
@@ -158,21 +181,13 @@ class Purges:
             if transport is None or transport.is_closing():
                 break  # the node went away
             new = self._new  # taken before reading, so a purge appended meanwhile wakes us
-            async with self.engine.connect() as conn:
-                rows = (
-                    await conn.execute(
-                        select(purges)
-                        .where(purges.c.seq > after)
-                        .order_by(purges.c.seq)
-                        .limit(BATCH)
-                    )
-                ).all()
-            if rows:
+            batch = await self._after(after)
+            if batch:
                 out = []
-                for row in rows:
-                    data = orjson.dumps(_row_to_purge(row).to_json()).decode()
-                    out.append(f"id: {row.seq}\nevent: purge\ndata: {data}\n\n")
-                    after = row.seq
+                for p in batch:
+                    data = orjson.dumps(p.to_json()).decode()
+                    out.append(f"id: {p.seq}\nevent: purge\ndata: {data}\n\n")
+                    after = p.seq
                 await resp.write("".join(out).encode())
                 continue
             if time.monotonic() - last_ping >= PING_SECONDS:

@@ -59,6 +59,9 @@ class PurgeFeed:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._advanced = asyncio.Event()
+        self._unacked: list[int] = []
+        self._ack_wake = asyncio.Event()
+        self._acker: asyncio.Task[None] | None = None
 
     def _load(self) -> int:
         if self.state_path is None:
@@ -90,12 +93,27 @@ class PurgeFeed:
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
         self._task = asyncio.create_task(self._run(session))
+        self._acker = asyncio.create_task(self._ack_loop())
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            seqs, self._unacked = self._unacked, []
+            if not seqs:
+                continue
+            await asyncio.to_thread(self._save)
+            if not await self._ack(seqs):
+                self._unacked[:0] = seqs  # control unreachable: keep them for the next try
+                await asyncio.sleep(0.5)
+                self._ack_wake.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._acker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _run(self, session: aiohttp.ClientSession) -> None:
         backoff = 0.2
@@ -158,20 +176,24 @@ class PurgeFeed:
         self.applied = purge.seq
         self._advanced.set()
         self._advanced = asyncio.Event()
-        await asyncio.to_thread(self._save)
-        await self._ack(purge.seq)
+        # Acknowledged (and the applied seq saved) in batches by `_ack_loop`: one request in
+        # flight per node, carrying every purge applied since the last one.
+        self._unacked.append(purge.seq)
+        self._ack_wake.set()
 
-    async def _ack(self, seq: int) -> None:
+    async def _ack(self, seqs: list[int]) -> bool:
         assert self._session is not None
         try:
             async with self._session.post(
                 f"{self.control}/v1/purges/acks",
-                json={"node": self.node_id, "tier": self.tier, "seqs": [seq]},
+                json={"node": self.node_id, "tier": self.tier, "seqs": seqs},
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as r:
                 await r.read()
+                return r.status < 300
         except (aiohttp.ClientError, TimeoutError):
-            log.warning("%s: could not acknowledge purge %d", self.node_id, seq)
+            log.warning("%s: could not acknowledge purges up to %d", self.node_id, seqs[-1])
+            return False
 
 
 def follow_purges(engine: CacheEngine, settings: Settings, tier: str, control_url: str) -> None:
