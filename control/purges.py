@@ -53,6 +53,10 @@ class Purges:
         # The recent tail of the log, in seq order, so open streams need no database read per
         # purge; a stream further behind reads the database.
         self._tail: deque[Purge] = deque(maxlen=TAIL)
+        # One writer at a time: SQLite admits one write transaction, and a second one waits in
+        # its busy handler, which sleeps in steps of up to 100 ms. Queuing the log's writes here
+        # instead keeps each one at its own cost (PostgreSQL does not need it, nor mind it).
+        self._write = asyncio.Lock()
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         # Streams never end on their own: end them now so a graceful stop does not wait.
@@ -75,7 +79,7 @@ class Purges:
         kind, targets, soft = parse_request(decode_json(await request.read()))
         now = time.time()
         pid = new_id("pg")
-        async with self.engine.begin() as conn:
+        async with self._write, self.engine.begin() as conn:
             if kind == "video":
                 found = (
                     await conn.execute(select(videos.c.id).where(videos.c.id.in_(targets)))
@@ -154,7 +158,7 @@ class Purges:
         return [_row_to_purge(r) for r in rows]
 
     async def _seen(self, node: str, tier: str, now: float) -> None:
-        async with self.engine.begin() as conn:
+        async with self._write, self.engine.begin() as conn:
             res = await conn.execute(
                 update(nodes).where(nodes.c.id == node).values(last_seen=now, tier=tier)
             )
@@ -213,8 +217,7 @@ class Purges:
         ):  # fmt: skip
             raise ApiError(VALIDATION, "node, tier (edge|shield) and seqs (positive ints)")
         now = time.time()
-        await self._seen(node, tier, now)
-        async with self.engine.begin() as conn:
+        async with self._write, self.engine.begin() as conn:
             known = set(
                 (
                     await conn.execute(select(purge_acks.c.seq).where(
@@ -229,10 +232,19 @@ class Purges:
                     [{"seq": s, "node_id": node, "applied_at": now} for s in fresh],
                 )
             top = max(seqs)
-            await conn.execute(
+            res = await conn.execute(
                 update(nodes)
-                .where(and_(nodes.c.id == node, nodes.c.applied_seq < top))
-                .values(applied_seq=top)
+                .where(nodes.c.id == node)
+                .values(
+                    last_seen=now,
+                    tier=tier,
+                    applied_seq=func.max(nodes.c.applied_seq, top)
+                    if conn.dialect.name == "sqlite"
+                    else func.greatest(nodes.c.applied_seq, top),
+                )
             )
-            total = (await conn.execute(select(func.count()).select_from(purges))).scalar_one()
-        return web.json_response({"node": node, "appliedSeq": top, "purges": total})
+            if res.rowcount == 0:
+                await conn.execute(
+                    nodes.insert().values(id=node, tier=tier, applied_seq=top, last_seen=now)
+                )
+        return web.json_response({"node": node, "appliedSeq": top})
