@@ -13,6 +13,7 @@ from aiohttp import web
 
 from control.auth import authenticate
 from control.ids import is_id
+from control.moderation import Moderation
 from control.purges import Purges
 from control.tus import TusEndpoint, upload_url
 from control.uploads import Uploads
@@ -76,5 +77,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/uploads/{sid}/complete", complete_upload)
     TusEndpoint(uploads).routes(app)
     Videos(settings, engine, keys).routes(app)
-    Purges(engine).routes(app)
+    purges = Purges(engine)
+    purges.routes(app)
+    Moderation(purges).routes(app)
     return app

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from sqlalchemy import and_, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.auth import authenticate
 from control.ids import new_id
@@ -42,7 +42,9 @@ TAIL = 10_000  # recent purges kept in memory for the streams
 
 
 def _row_to_purge(row: Any) -> Purge:
-    return Purge(row.seq, row.id, row.kind, tuple(row.targets), bool(row.soft))
+    return Purge(
+        row.seq, row.id, row.kind, tuple(row.targets), bool(row.soft), row.action, row.cutoff
+    )
 
 
 class Purges:
@@ -78,7 +80,6 @@ class Purges:
         principal = await authenticate(self.engine, request, roles=("operator",))
         kind, targets, soft = parse_request(decode_json(await request.read()))
         now = time.time()
-        pid = new_id("pg")
         async with self._write, self.engine.begin() as conn:
             if kind == "video":
                 found = (
@@ -87,24 +88,46 @@ class Purges:
                 missing = set(targets) - set(found)
                 if missing:
                     raise ApiError(NOT_FOUND, f"no such video: {', '.join(sorted(missing))}")
-            res = await conn.execute(
-                purges.insert().values(
-                    id=pid, kind=kind, targets=list(targets), soft=int(soft),
-                    created_by=principal.key_id, created_at=now,
-                )
-            )  # fmt: skip
-            pk = res.inserted_primary_key
-            assert pk is not None
-            seq = int(pk[0])
-            await append_event(
-                conn, "purge.created", targets[0] if kind == "video" else None,
-                {"purgeId": pid, "seq": seq, "kind": kind, "targets": list(targets),
-                 "soft": soft, "by": principal.key_id}, now,
-            )  # fmt: skip
-        if not self._tail or self._tail[-1].seq < seq:
-            self._tail.append(Purge(seq, pid, kind, targets, soft))
+            p = await self.append(conn, kind, targets, soft, principal.key_id, now)
+        self.published(p)
+        return web.json_response({"purgeId": p.id, "seq": p.seq}, status=202)
+
+    async def append(
+        self,
+        conn: AsyncConnection,
+        kind: str,
+        targets: tuple[str, ...],
+        soft: bool,
+        actor: str | None,
+        now: float,
+        *,
+        action: str = "purge",
+        cutoff: float | None = None,
+    ) -> Purge:
+        """Append a purge to the log inside the caller's transaction (hold `self._write` on
+        SQLite); call `published` after the commit."""
+        pid = new_id("pg")
+        res = await conn.execute(
+            purges.insert().values(
+                id=pid, kind=kind, targets=list(targets), soft=int(soft),
+                created_by=actor, created_at=now, action=action, cutoff=cutoff,
+            )
+        )  # fmt: skip
+        pk = res.inserted_primary_key
+        assert pk is not None
+        seq = int(pk[0])
+        await append_event(
+            conn, "purge.created", targets[0] if kind == "video" else None,
+            {"purgeId": pid, "seq": seq, "kind": kind, "targets": list(targets),
+             "soft": soft, "by": actor, "action": action}, now,
+        )  # fmt: skip
+        return Purge(seq, pid, kind, targets, soft, action, cutoff)
+
+    def published(self, p: Purge) -> None:
+        """After the commit: into the streams' tail, and wake them."""
+        if not self._tail or self._tail[-1].seq < p.seq:
+            self._tail.append(p)
         self._wake()
-        return web.json_response({"purgeId": pid, "seq": seq}, status=202)
 
     async def status(self, request: web.Request) -> web.Response:
         pid = request.match_info["id"]

@@ -8,16 +8,19 @@ blocked, 410 deleted. URLs carry the token in the path so relative manifest URLs
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy import select
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control.ids import is_id
 from vodcore.config import Settings
+from vodcore.db.schema import video_cutoffs
 from vodcore.db.videos import get_video
 from vodcore.errors import BLOCKED, GONE, NOT_FOUND, NOT_READY, ApiError
 from vodcore.lifecycle import State
@@ -98,7 +101,15 @@ class Videos:
             )
         now = int(time.time())
         ttl = self.settings.token_ttl_seconds
-        token = self.keys.mint(v["id"], now, ttl)
+        async with self.engine.connect() as conn:
+            cutoff = (
+                await conn.execute(
+                    select(video_cutoffs.c.cutoff).where(video_cutoffs.c.video_id == v["id"])
+                )
+            ).scalar_one_or_none()
+        # A token issued in the second of a takedown would read as older than its cutoff.
+        issued = max(now, math.ceil(cutoff)) if cutoff is not None else now
+        token = self.keys.mint(v["id"], issued, ttl + issued - now)
         body = {
             "videoId": v["id"],
             "state": state.value,

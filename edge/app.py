@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import unquote
 
+import aiohttp
 import jwt
 from aiohttp import web
 
@@ -30,6 +31,7 @@ from vodcore.cache.purgefeed import follow_purges
 from vodcore.config import Settings
 from vodcore.errors import BAD_PATH, BAD_TOKEN, ApiError
 from vodcore.fastpath import FastPath
+from vodcore.purge import Purge
 from vodcore.server import FAST_PATH_KEY, base_app, media_segments
 from vodcore.tokens import TokenError, verify
 
@@ -38,6 +40,7 @@ JWKS_PATH = "/v1/keys/jwks.json"
 ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
 KEYS_KEY: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 TOKENS_KEY: web.AppKey[VerifiedTokens] = web.AppKey("verified_tokens", VerifiedTokens)
+CUTOFFS_KEY: web.AppKey[dict[str, float]] = web.AppKey("cutoffs", dict)
 
 
 def split_media_path(raw_path: str) -> tuple[str, str, str]:
@@ -80,7 +83,10 @@ PARSED_TARGETS = 65536  # URLs whose parse the fast path keeps
 
 
 def fast_tokened_key(
-    tokens: VerifiedTokens, ring: KeyRing, clock: Callable[[], float] = time.time
+    tokens: VerifiedTokens,
+    ring: KeyRing,
+    cutoffs: dict[str, float],
+    clock: Callable[[], float] = time.time,
 ) -> Callable[[str], str | None]:
     """Cache keys for the fast path of the token-checked edge: only a plain media path whose
     token was verified before and is still good (VerifiedTokens' rules); anything else goes
@@ -104,18 +110,45 @@ def fast_tokened_key(
                 parsed.clear()
             hit = parsed[target] = (key, parts[2], parts[3])
         key, vid, token = hit
-        if tokens.get(token, vid, clock(), ring.keys) is None:
+        if tokens.get(token, vid, clock(), ring.keys, cutoffs) is None:
             return None
         return key
 
     return key_of
 
 
+def track_cutoffs(
+    engine: CacheEngine, verified: VerifiedTokens, cutoffs: dict[str, float], control: str
+) -> None:
+    """Keep the videos' token cutoffs: set by each `block` entry of the purge log (before the
+    video's cached objects are dropped), and reloaded from control whenever the log's stream
+    (re)connects, so a restarted edge knows every takedown, not only the ones it replays."""
+
+    def on_purge(p: Purge) -> None:
+        if p.action == "block" and p.cutoff is not None:
+            for vid in p.targets:
+                cutoffs[vid] = max(cutoffs.get(vid, 0.0), p.cutoff)
+                verified.forget_video(vid)
+
+    async def reload(session: aiohttp.ClientSession) -> None:
+        async with session.get(
+            f"{control}/v1/cutoffs", timeout=aiohttp.ClientTimeout(total=10)
+        ) as r:
+            if r.status == 200:
+                for vid, cutoff in (await r.json()).items():
+                    cutoffs[vid] = max(cutoffs.get(vid, 0.0), float(cutoff))
+
+    engine.purge_hooks.append(on_purge)
+    if engine.feed is not None:
+        engine.feed.on_connect = reload
+
+
 async def check_token(request: web.Request, vid: str, token: str) -> None:
     ring = request.app[KEYS_KEY]
     verified = request.app[TOKENS_KEY]
+    cutoffs = request.app[CUTOFFS_KEY]
     now = time.time()
-    if verified.get(token, vid, now, ring.keys) is not None:
+    if verified.get(token, vid, now, ring.keys, cutoffs) is not None:
         return  # verified before and still good: no signature check per segment
     try:
         kid = jwt.get_unverified_header(token).get("kid")
@@ -128,6 +161,9 @@ async def check_token(request: web.Request, vid: str, token: str) -> None:
         claims = verify(token, keys, vid, int(now))
     except TokenError:
         raise ApiError(BAD_TOKEN) from None
+    cutoff = cutoffs.get(vid)
+    if cutoff is not None and claims.issued_at < cutoff:
+        raise ApiError(BAD_TOKEN)  # issued before the video's takedown
     verified.put(token, claims)
 
 
@@ -171,8 +207,13 @@ def make_app(
         base = (control_url or settings.url("control")).rstrip("/")
         ring = app[KEYS_KEY] = KeyRing(base + JWKS_PATH)
         verified = app[TOKENS_KEY] = VerifiedTokens()
+        cutoffs: dict[str, float] = {}
+        app[CUTOFFS_KEY] = cutoffs
         app.router.add_get("/{tail:.*}", serve_tokened)
-        app[FAST_PATH_KEY] = FastPath(engine, fast_tokened_key(verified, ring), access_log=True)
+        app[FAST_PATH_KEY] = FastPath(
+            engine, fast_tokened_key(verified, ring, cutoffs), access_log=True
+        )
+        track_cutoffs(engine, verified, cutoffs, base)
     else:
         app.router.add_route("*", "/{tail:.*}", serve_proxy)
         app[FAST_PATH_KEY] = FastPath(engine, fast_proxy_key, access_log=True)

@@ -31,15 +31,20 @@ class Purge:
     kind: str
     targets: tuple[str, ...]
     soft: bool = False
+    action: str = "purge"  # "block": also void the videos' tokens issued before `cutoff`
+    cutoff: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "seq": self.seq,
             "purgeId": self.id,
             "kind": self.kind,
             "targets": list(self.targets),
             "soft": self.soft,
         }
+        if self.action != "purge":
+            doc["action"], doc["cutoff"] = self.action, self.cutoff
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any) -> Purge:
@@ -56,7 +61,15 @@ class Purge:
             raise ValueError("bad seq, purgeId or kind")
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise ValueError("bad targets")
-        return cls(seq, pid, kind, tuple(targets), bool(doc.get("soft", False)))
+        action, cutoff = doc.get("action", "purge"), doc.get("cutoff")
+        if action not in ("purge", "block") or (
+            action == "block" and (kind != "video" or not isinstance(cutoff, int | float))
+        ):
+            raise ValueError("bad action or cutoff")
+        return cls(
+            seq, pid, kind, tuple(targets), bool(doc.get("soft", False)), action,
+            float(cutoff) if cutoff is not None else None,
+        )  # fmt: skip
 
 
 def parse_request(doc: Any) -> tuple[str, tuple[str, ...], bool]:

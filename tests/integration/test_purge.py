@@ -61,7 +61,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await conn.execute(
             videos.insert().values(
                 id=VID, title="t", description="", visibility="public", state="READY",
-                created_at=0.0, updated_at=0.0,
+                current_version=1, created_at=0.0, updated_at=0.0,
             )
         )  # fmt: skip
     await db.dispose()
@@ -274,3 +274,82 @@ async def test_an_edge_never_gets_pre_purge_bytes_back_from_a_lagging_shield(
     assert status_ == 200 and x_cache == "edge=MISS, shield=MISS"
     # the shield held the object but did not hand it back: the origin was asked again
     assert world.upstream.hits[f"/v/{VID}/1/seg-0.m4s"] == origin_fetches + 1
+
+
+async def tokened_edge(w: World, name: str) -> str:
+    settings = Settings(data_dir=w.tmp / name, upstream_timeout_seconds=3)
+    app = edge_app(settings, [w.upstream.url], tokens=True, control_url=w.control)
+    runner = await start_server(app, "127.0.0.1", 0, access_log=False)
+    w.runners.append(runner)
+    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def playback_token(w: World) -> tuple[int, str | None]:
+    async with aiohttp.ClientSession() as s, s.get(f"{w.control}/v1/videos/{VID}/playback") as r:
+        doc = await r.json()
+        token = doc["manifestUrl"].split("/")[5] if r.status == 200 else None
+        return r.status, token
+
+
+async def operator_post(
+    w: World, path: str, body: object, key: str | None = None
+) -> tuple[int, dict]:  # type: ignore[type-arg]
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{w.control}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {key or w.operator}"},
+        ) as r,
+    ):
+        return r.status, await r.json()
+
+
+async def test_block_voids_existing_tokens_everywhere_and_unblock_needs_new_ones(
+    world: World,
+) -> None:
+    url = await tokened_edge(world, "te")
+    status_, token = await playback_token(world)
+    assert status_ == 200 and token
+    seg = f"{url}/v/{VID}/{token}/1/seg-0.m4s"
+    for _ in range(3):  # verified once, then fast
+        assert (await fetch(seg))[0] == 200
+    await wait_node(world, url)
+    code, doc = await operator_post(world, f"/v1/videos/{VID}/block", {"reason": "DMCA #1"})
+    assert code == 200 and doc["state"] == "BLOCKED"
+    await wait_complete(world, doc["purgeId"])
+    assert (await fetch(seg))[0] == 403  # the old token, on the fast path's old favourite
+    assert (await playback_token(world))[0] == 451
+    code, doc = await operator_post(world, f"/v1/videos/{VID}/unblock", {})
+    assert code == 200 and doc["state"] == "READY"
+    assert (await fetch(seg))[0] == 403  # still void: issued before the takedown
+    status_, fresh = await playback_token(world)
+    assert status_ == 200 and fresh and fresh != token
+    assert (await fetch(f"{url}/v/{VID}/{fresh}/1/seg-0.m4s"))[0] == 200
+    # a restarted edge that has already applied the log still learns the cutoff
+    last = (await operator_post(world, "/v1/purges", {"prefix": "/none/"}))[1]["seq"]
+    state = world.tmp / "te2" / "cache" / "edge-8080.purge-seq"
+    state.parent.mkdir(parents=True)
+    state.write_text(str(last))
+    url2 = await tokened_edge(world, "te2")
+    for _ in range(100):
+        if (await fetch(f"{url2}/v/{VID}/{token}/1/seg-0.m4s"))[0] == 403:
+            break
+        await asyncio.sleep(0.05)
+    assert (await fetch(f"{url2}/v/{VID}/{token}/1/seg-0.m4s"))[0] == 403
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "role", "status_"),
+    [
+        (f"/v1/videos/{VID}/block", {}, "operator", 422),
+        (f"/v1/videos/{VID}/block", {"reason": "x"}, "creator", 403),
+        ("/v1/videos/vid_nosuchvideoxxxxx/block", {"reason": "x"}, "operator", 404),
+        (f"/v1/videos/{VID}/unblock", {}, "operator", 409),  # not blocked
+    ],
+)
+async def test_bad_takedown_requests(
+    world: World, path: str, body: object, role: str, status_: int
+) -> None:
+    key = world.operator if role == "operator" else world.creator
+    assert (await operator_post(world, path, body, key))[0] == status_

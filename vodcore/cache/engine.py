@@ -208,6 +208,8 @@ class CacheEngine:
         self._background: set[asyncio.Task[None]] = set()
         self.feed: PurgeFeed | None = None  # the purge log this node follows, if any
         self.purge_wait_seconds = 1.0  # how long a request waits for this node to catch up
+        # Called with each purge before the store is touched (the edge voids tokens on a block).
+        self.purge_hooks: list[Callable[[Purge], None]] = []
         self._via = f"1.1 vodstack-{tier}"  # RFC 9110 §7.6.3
         # prometheus children resolved once: labels() is a lookup per call on the hit path
         self._results: dict[str, Counter] = {}
@@ -921,6 +923,8 @@ class CacheEngine:
     async def apply_purge(self, purge: Purge) -> int:
         """Drop (or, soft, mark stale) every stored object `purge` covers, and fence off fills
         in flight for them so none stores pre-purge bytes afterwards. Returns how many."""
+        for hook in self.purge_hooks:
+            hook(purge)
         for vkey, job in list(self._fills.items()):
             head = job.fill._head
             sk = None

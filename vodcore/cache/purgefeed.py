@@ -62,6 +62,9 @@ class PurgeFeed:
         self._unacked: list[int] = []
         self._ack_wake = asyncio.Event()
         self._acker: asyncio.Task[None] | None = None
+        # Called each time the stream (re)connects, before its events: state that is not in
+        # the replayed part of the log (e.g. every video's token cutoff) is reloaded here.
+        self.on_connect: Callable[[aiohttp.ClientSession], Awaitable[None]] | None = None
 
     def _load(self) -> int:
         if self.state_path is None:
@@ -138,6 +141,8 @@ class PurgeFeed:
         async with session.get(url, timeout=timeout) as resp:
             if resp.status != 200:
                 raise Resync(f"control answered {resp.status}")
+            if self.on_connect is not None:
+                await self.on_connect(session)
             self.connected = True
             first = True
             event, data = "", cast(list[str], [])

@@ -102,6 +102,8 @@ purges = Table(
     Column("kind", String(16), nullable=False),  # video | keys | prefix | all
     Column("targets", JSON, nullable=False),  # video ids, surrogate keys or path prefixes
     Column("soft", Integer, nullable=False, default=0),  # 1: mark stale, revalidate
+    Column("action", String(16), nullable=False, default="purge"),  # purge | block
+    Column("cutoff", Float, nullable=True),  # block: tokens issued before it are void
     Column("created_by", String(40), nullable=True),
     Column("created_at", Float, nullable=False),
 )
@@ -122,4 +124,25 @@ purge_acks = Table(
     Column("node_id", String(80), nullable=False),
     Column("applied_at", Float, nullable=False),
     UniqueConstraint("seq", "node_id", name="uq_purge_acks_seq_node"),
+)
+
+# Moderation: every block/unblock with who, when, why and the state before (for unblock), and
+# each video's token revocation cutoff ("tokens issued before T are void").
+moderation = Table(
+    "moderation",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("video_id", String(40), nullable=False, index=True),
+    Column("action", String(16), nullable=False),  # block | unblock
+    Column("reason", Text, nullable=True),
+    Column("actor", String(40), nullable=True),
+    Column("previous_state", String(16), nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+video_cutoffs = Table(
+    "video_cutoffs",
+    metadata,
+    Column("video_id", String(40), primary_key=True),
+    Column("cutoff", Float, nullable=False),
 )
