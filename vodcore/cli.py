@@ -294,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--role", choices=("creator", "operator"), required=True)
     kc.set_defaults(func=cmd_keys_create)
 
+    from vodcore.operator_cli import add_operator_parsers
     from vodcore.upload_cli import add_upload_parser
 
     add_upload_parser(sub)
+    add_operator_parsers(sub)
     return p
 
 

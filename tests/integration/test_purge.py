@@ -5,6 +5,8 @@ and gaps, and the API's bad input."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -353,3 +355,34 @@ async def test_bad_takedown_requests(
 ) -> None:
     key = world.operator if role == "operator" else world.creator
     assert (await operator_post(world, path, body, key))[0] == status_
+
+
+async def vod(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vodcore.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "VOD_API_KEY"},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_operator_cli_purges_and_blocks_with_a_propagation_report(world: World) -> None:
+    url, _app, _r = await world.edge()
+    await fetch(f"{url}/v/other/1/seg.m4s")
+    await wait_node(world, url)
+    api = ["--api", world.control, "--key", world.operator, "--timeout", "10"]
+    code, out, err = await vod("purge", "--prefix", "/v/other/", "--wait", *api)
+    assert code == 0, err
+    assert "accepted" in out and "complete on 1 node(s)" in out and "edge" in out
+    assert (await fetch(f"{url}/v/other/1/seg.m4s"))[1] == "edge=MISS"
+    code, out, err = await vod("block", VID, "--reason", "court order", *api)
+    assert code == 0, err
+    assert f"{VID} is BLOCKED" in out and "complete on" in out
+    code, out, err = await vod("unblock", VID, *api)
+    assert code == 0 and f"{VID} is READY" in out, err
+    code, out, err = await vod("purge", "--video", "vid_nosuchvideoxxxxx", *api)
+    assert code == 1 and "404" in err and "Traceback" not in err
+    code, out, err = await vod("purge", "--all", "--api", world.control)
+    assert code == 2 and "operator API key" in err
