@@ -15,6 +15,7 @@ from control.auth import authenticate
 from control.ids import is_id
 from control.moderation import Moderation
 from control.purges import Purges
+from control.signing import Signing
 from control.tus import TusEndpoint, upload_url
 from control.uploads import Uploads
 from control.validation import decode_json, upload_request
@@ -80,4 +81,5 @@ def make_app(settings: Settings) -> web.Application:
     purges = Purges(engine)
     purges.routes(app)
     Moderation(purges).routes(app)
+    Signing(purges, keys).routes(app)
     return app

@@ -15,6 +15,7 @@ forwarded and invalidate the stored responses of their target.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -118,13 +119,23 @@ def fast_tokened_key(
 
 
 def track_cutoffs(
-    engine: CacheEngine, verified: VerifiedTokens, cutoffs: dict[str, float], control: str
+    engine: CacheEngine,
+    verified: VerifiedTokens,
+    cutoffs: dict[str, float],
+    control: str,
+    ring: KeyRing,
 ) -> None:
     """Keep the videos' token cutoffs: set by each `block` entry of the purge log (before the
     video's cached objects are dropped), and reloaded from control whenever the log's stream
     (re)connects, so a restarted edge knows every takedown, not only the ones it replays."""
 
     def on_purge(p: Purge) -> None:
+        if p.action == "keys" and engine._session is not None:
+            # The signing key set changed: refetch it now. Until then a revoked kid's tokens
+            # may still pass for the few ms the fetch takes.
+            task = asyncio.create_task(ring.refresh(engine.session))
+            engine._background.add(task)
+            task.add_done_callback(engine._background.discard)
         if p.action == "block" and p.cutoff is not None:
             for vid in p.targets:
                 cutoffs[vid] = max(cutoffs.get(vid, 0.0), p.cutoff)
@@ -213,7 +224,7 @@ def make_app(
         app[FAST_PATH_KEY] = FastPath(
             engine, fast_tokened_key(verified, ring, cutoffs), access_log=True
         )
-        track_cutoffs(engine, verified, cutoffs, base)
+        track_cutoffs(engine, verified, cutoffs, base, ring)
     else:
         app.router.add_route("*", "/{tail:.*}", serve_proxy)
         app[FAST_PATH_KEY] = FastPath(engine, fast_proxy_key, access_log=True)

@@ -65,6 +65,12 @@ class KeyRing:
             raise ApiError(UNAVAILABLE, "token keys are not available yet")
         return self.keys
 
+    async def refresh(self, session: aiohttp.ClientSession) -> None:
+        """Fetch the key set now (control said it changed: a rotation or a revocation)."""
+        async with self._lock:
+            self._last_fetch = self.clock()
+            await self._fetch(session)
+
     async def _fetch(self, session: aiohttp.ClientSession) -> None:
         try:
             async with session.get(

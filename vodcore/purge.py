@@ -19,7 +19,7 @@ from typing import Any
 
 from vodcore.errors import VALIDATION, ApiError
 
-KINDS = ("video", "keys", "prefix", "all")
+KINDS = ("video", "keys", "prefix", "all", "none")  # none: a log entry that purges nothing
 _ID = re.compile(r"^[A-Za-z0-9_~.-]{1,80}$")
 MAX_TARGETS = 100
 
@@ -31,7 +31,9 @@ class Purge:
     kind: str
     targets: tuple[str, ...]
     soft: bool = False
-    action: str = "purge"  # "block": also void the videos' tokens issued before `cutoff`
+    # "block": also void the videos' tokens issued before `cutoff`; "keys": the signing key set
+    # changed (rotation, revocation), edges refetch it
+    action: str = "purge"
     cutoff: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -62,7 +64,7 @@ class Purge:
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise ValueError("bad targets")
         action, cutoff = doc.get("action", "purge"), doc.get("cutoff")
-        if action not in ("purge", "block") or (
+        if action not in ("purge", "block", "keys") or (
             action == "block" and (kind != "video" or not isinstance(cutoff, int | float))
         ):
             raise ValueError("bad action or cutoff")
@@ -104,6 +106,8 @@ def covers(purge: Purge, key: str, surrogate_keys: str | None) -> bool:
     """Does `purge` cover the cached object stored under `key` with this Surrogate-Key?"""
     if purge.kind == "all":
         return True
+    if purge.kind == "none":
+        return False
     if purge.kind == "prefix":
         return any(key.startswith(p) for p in purge.targets)
     names = set(surrogate_keys.split()) if surrogate_keys else set()

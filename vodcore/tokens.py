@@ -97,6 +97,19 @@ class SigningKeys:
         self.current_kid = kid
         return kid
 
+    def revoke(self, kid: str) -> None:
+        """Stop publishing (and signing with) `kid`; its tokens fail at every edge once the
+        edges refetch the key set. The key file moves to revoked/ (kept for the record).
+        Revoking the signing key first rotates to a new one, so signing never stops."""
+        if kid not in self.keys:
+            raise KeyError(kid)
+        if kid == self.current_kid:
+            self.rotate()
+        revoked = self.dir / "revoked"
+        revoked.mkdir(exist_ok=True)
+        (self.dir / f"{kid}.pem").replace(revoked / f"{kid}.pem")
+        del self.keys[kid]
+
     def jwks(self) -> dict[str, Any]:
         return {"keys": [public_jwk(k, v.public_key()) for k, v in self.keys.items()]}
 
