@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,64 +57,20 @@ def main() -> None:
     from vodcore.tokens import SigningKeys
 
     with h.fleet_or_exit(keep=a.keep) as fleet:
-        data = Path(fleet.dir("control"))
-        key = subprocess.run(
-            [*h.VOD, "keys", "create", "--data", str(data), "--role", "operator"],
-            capture_output=True, text=True, check=True, cwd=h.ROOT,
-        ).stdout.strip()  # fmt: skip
-        with sqlite3.connect(data / "vod.db") as conn:
-            conn.execute(
-                "INSERT INTO videos (id, title, description, visibility, state, "
-                "current_version, created_at, updated_at) "
-                "VALUES (?, 'bench', '', 'public', 'READY', 1, 0, 0)",
-                (VID,),
-            )
-        cport = h.free_port()
-        ctl = fleet.start("control", [*h.VOD, "control", "--data", str(data), "--port", str(cport)])
-        h.wait_listening(fleet, [ctl], cport)
-        control = f"http://{h.HOST}:{cport}"
+
+        def add_video(data: Path) -> None:
+            with sqlite3.connect(data / "vod.db") as conn:
+                conn.execute(
+                    "INSERT INTO videos (id, title, description, visibility, state, "
+                    "current_version, created_at, updated_at) "
+                    "VALUES (?, 'bench', '', 'public', 'READY', 1, 0, 0)",
+                    (VID,),
+                )
+
+        ctl = h.start_control(fleet, add_video)
+        control, data, key = ctl.url, ctl.data, ctl.operator_key
         up = h.start_upstream(fleet, seg_bytes=4096)
-        shields = []
-        for i in range(2):
-            port = h.free_port()
-            shields.append(port)
-            cmd = [
-                *h.VOD,
-                "shield",
-                "--upstream",
-                up.url,
-                "--control",
-                control,
-                "--port",
-                str(port),
-                "--data",
-                str(fleet.dir(f"shield{i}")),
-                "--access-log",
-                "off",
-            ]
-            p = fleet.start(f"shield{i}", cmd)
-            h.wait_listening(fleet, [p], port)
-        upstreams = ",".join(f"http://{h.HOST}:{p}" for p in shields)
-        edges = []
-        for i in range(4):
-            port = h.free_port()
-            cmd = [
-                *h.VOD,
-                "edge",
-                "--upstream",
-                upstreams,
-                "--control",
-                control,
-                "--port",
-                str(port),
-                "--data",
-                str(fleet.dir(f"edge{i}")),
-                "--access-log",
-                "off",
-            ]
-            p = fleet.start(f"edge{i}", cmd)
-            h.wait_listening(fleet, [p], port)
-            edges.append(f"http://{h.HOST}:{port}")
+        edges = h.start_cdn(fleet, control, up.url, edges=4, shields=2, tokens=True)
         keys = SigningKeys(data / "keys").load_or_create()
         auth = {"Authorization": f"Bearer {key}"}
         block = f"{control}/v1/videos/{VID}/block"

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -304,6 +304,47 @@ def start_vod(
     ]
     wait_listening(fleet, started, port, count=procs)
     return Target(name, f"http://{HOST}:{port}", port, started)
+
+
+@dataclass
+class Control:
+    url: str
+    data: Path
+    operator_key: str
+
+
+def start_control(fleet: Fleet, prepare: Callable[[Path], None] | None = None) -> Control:
+    """`vod control` with an operator key; `prepare(data_dir)` runs before it starts (e.g. to
+    insert rows into its SQLite database)."""
+    data = Path(fleet.dir("control"))
+    key = subprocess.run(
+        [*VOD, "keys", "create", "--data", str(data), "--role", "operator"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout.strip()  # fmt: skip
+    if prepare is not None:
+        prepare(data)
+    port = free_port()
+    p = fleet.start("control", [*VOD, "control", "--data", str(data), "--port", str(port)])
+    wait_listening(fleet, [p], port)
+    return Control(f"http://{HOST}:{port}", data, key)
+
+
+def start_cdn(
+    fleet: Fleet, control: str, origin: str, *, edges: int, shields: int, tokens: bool
+) -> list[str]:
+    """`shields` times `vod shield` on `origin` and `edges` times `vod edge` over them, following
+    `control`'s purge log, access logs off; returns the edges' URLs."""
+
+    def start(tier: str, i: int, upstream: str, extra: list[str]) -> str:
+        port = free_port()
+        cmd = [*VOD, tier, "--upstream", upstream, "--control", control, "--port", str(port),
+               "--data", str(fleet.dir(f"{tier}{i}")), "--access-log", "off", *extra]  # fmt: skip
+        wait_listening(fleet, [fleet.start(f"{tier}{i}", cmd)], port)
+        return f"http://{HOST}:{port}"
+
+    shield_urls = ",".join(start("shield", i, origin, []) for i in range(shields))
+    mode = ["--tokens", "on" if tokens else "off"]
+    return [start("edge", i, shield_urls, mode) for i in range(edges)]
 
 
 def start_nginx(

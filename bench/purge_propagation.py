@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
-import subprocess
 import time
-from pathlib import Path
 
 import harness as h
 
@@ -33,39 +31,14 @@ def main() -> None:
     a = ap.parse_args()
 
     with h.fleet_or_exit(keep=a.keep) as fleet:
-        data = Path(fleet.dir("control"))
-        key = subprocess.run(
-            [*h.VOD, "keys", "create", "--data", str(data), "--role", "operator"],
-            capture_output=True, text=True, check=True, cwd=h.ROOT,
-        ).stdout.strip()  # fmt: skip
-        cport = h.free_port()
-        ctl = fleet.start("control", [*h.VOD, "control", "--data", str(data), "--port", str(cport)])
-        h.wait_listening(fleet, [ctl], cport)
-        control = f"http://{h.HOST}:{cport}"
+        ctl = h.start_control(fleet)
+        control, data, key = ctl.url, ctl.data, ctl.operator_key
         up = h.start_upstream(fleet, seg_bytes=4096)
-        shields = []
-        for i in range(a.shields):
-            port = h.free_port()
-            cmd = [*h.VOD, "shield", "--upstream", up.url, "--control", control,
-                   "--port", str(port), "--data", str(fleet.dir(f"shield{i}")), "--access-log",
-                   "off"]  # fmt: skip
-            shields.append((fleet.start(f"shield{i}", cmd), port))
-        for p, port in shields:
-            h.wait_listening(fleet, [p], port)
-        shield_urls = ",".join(f"http://{h.HOST}:{port}" for _p, port in shields)
-        edges = []
-        for i in range(a.edges):
-            port = h.free_port()
-            cmd = [*h.VOD, "edge", "--tokens", "off", "--upstream", shield_urls,
-                   "--control", control, "--port", str(port), "--data",
-                   str(fleet.dir(f"edge{i}")), "--access-log", "off"]  # fmt: skip
-            edges.append((fleet.start(f"edge{i}", cmd), port))
-        for p, port in edges:
-            h.wait_listening(fleet, [p], port)
+        edges = h.start_cdn(fleet, control, up.url, edges=a.edges, shields=a.shields, tokens=False)
         # objects cached at every edge (and, through them, at the shields)
-        for _p, port in edges:
+        for edge in edges:
             for n in range(50):
-                h.get(f"http://{h.HOST}:{port}/v/vid/1/seg-{n}.m4s")
+                h.get(f"{edge}/v/vid/1/seg-{n}.m4s")
         nodes = a.edges + a.shields
         auth = {"Authorization": f"Bearer {key}"}
         deadline = time.monotonic() + 30

@@ -15,7 +15,6 @@ forwarded and invalidate the stored responses of their target.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -130,12 +129,10 @@ def track_cutoffs(
     (re)connects, so a restarted edge knows every takedown, not only the ones it replays."""
 
     def on_purge(p: Purge) -> None:
-        if p.action == "keys" and engine._session is not None:
+        if p.action == "keys":
             # The signing key set changed: refetch it now. Until then a revoked kid's tokens
             # may still pass for the few ms the fetch takes.
-            task = asyncio.create_task(ring.refresh(engine.session))
-            engine._background.add(task)
-            task.add_done_callback(engine._background.discard)
+            engine.spawn(ring.refresh(engine.session))
         if p.action == "block" and p.cutoff is not None:
             for vid in p.targets:
                 cutoffs[vid] = max(cutoffs.get(vid, 0.0), p.cutoff)

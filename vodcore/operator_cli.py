@@ -16,18 +16,12 @@ from typing import Any
 
 import requests
 
+from vodcore.upload_cli import api_error
+
 
 def _fail(msg: str, code: int = 1) -> int:
     print(f"vod: {msg}", file=sys.stderr)
     return code
-
-
-def _error(r: requests.Response) -> str:
-    try:
-        err = r.json()["error"]
-        return f"{r.status_code} {err['code']}: {err['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"{r.status_code} {r.text[:200]}"
 
 
 def _auth(args: argparse.Namespace) -> dict[str, str] | None:
@@ -78,7 +72,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     api = args.api.rstrip("/")
     r = requests.post(f"{api}/v1/purges", json=body, headers=auth, timeout=30)
     if r.status_code != 202:
-        return _fail(f"purge refused: {_error(r)}")
+        return _fail(f"purge refused: {api_error(r)}")
     doc = r.json()
     print(f"purge {doc['purgeId']} (seq {doc['seq']}) accepted")
     return report(api, doc["purgeId"], args.timeout) if args.wait else 0
@@ -94,7 +88,7 @@ def cmd_block(args: argparse.Namespace) -> int:
     r = requests.post(f"{api}/v1/videos/{args.video_id}/{action}", json=body, headers=auth,
                       timeout=30)  # fmt: skip
     if r.status_code != 200:
-        return _fail(f"{action} refused: {_error(r)}")
+        return _fail(f"{action} refused: {api_error(r)}")
     doc = r.json()
     print(f"{doc['videoId']} is {doc['state']}")
     if action == "block":

@@ -43,7 +43,7 @@ def _save_resume(data: dict[str, Any]) -> None:
     tmp.replace(RESUME_FILE)
 
 
-def _api_error(resp: requests.Response) -> str:
+def api_error(resp: requests.Response) -> str:
     try:
         err = resp.json()["error"]
         return f"{resp.status_code} {err['code']}: {err['message']}"
@@ -101,7 +101,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
             timeout=30,
         )
         if r.status_code != 201:
-            print(f"vod upload: could not create the upload: {_api_error(r)}", file=sys.stderr)
+            print(f"vod upload: could not create the upload: {api_error(r)}", file=sys.stderr)
             return 1
         entry = {"videoId": r.json()["videoId"], "uploadSessionId": r.json()["uploadSessionId"]}
         resume[fp] = entry
@@ -147,7 +147,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
         f"{api}/v1/uploads/{entry['uploadSessionId']}/complete", headers=auth, timeout=30
     )
     if r.status_code != 202:
-        print(f"vod upload: complete failed: {_api_error(r)}", file=sys.stderr)
+        print(f"vod upload: complete failed: {api_error(r)}", file=sys.stderr)
         return 1
     print(f"uploaded: videoId {video_id}", file=sys.stderr)
     if not args.wait:
@@ -187,7 +187,7 @@ def _wait(api: str, video_id: str, timeout: float, *, quiet: bool) -> int:
             return 1
     r = requests.get(f"{api}/v1/videos/{video_id}/playback", timeout=30)
     if r.status_code != 200:
-        print(f"vod upload: playback: {_api_error(r)}", file=sys.stderr)
+        print(f"vod upload: playback: {api_error(r)}", file=sys.stderr)
         return 1
     print(r.json()["manifestUrl"])
     return 0

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from edge.app import make_app as edge_app
 from shield.app import fast_media_key
-from tests.integration.test_cache_engine import Upstream, _start_upstream, fixed
+from tests.integration.test_cache_engine import Upstream, fixed
 from vodcore.config import Settings
 from vodcore.fastpath import sniff
 from vodcore.server import FAST_PATH_KEY, start_server
@@ -31,14 +31,6 @@ class FastEdge:
     @property
     def served(self) -> int:
         return self.app[FAST_PATH_KEY].served
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await _start_upstream()
-    yield up
-    assert up.server is not None
-    await up.server.close()
 
 
 @pytest.fixture

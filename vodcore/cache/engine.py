@@ -41,10 +41,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import aiohttp
 import yarl
@@ -441,9 +441,7 @@ class CacheEngine:
         self, key: str, path: str, req: Mapping[str, str], stale: CachedResponse | None
     ) -> FillJob:
         job = FillJob(Fill(), policy.fold_headers(req.items()), stale)
-        job.task = asyncio.create_task(self._run_fill(job, None, key, path))
-        self._background.add(job.task)
-        job.task.add_done_callback(self._background.discard)
+        job.task = self.spawn(self._run_fill(job, None, key, path))
         return job
 
     def _fill_done(self, vkey: str, job: FillJob) -> None:
@@ -919,6 +917,13 @@ class CacheEngine:
         """Follow control's purge log (started and stopped with the engine)."""
         self.feed = PurgeFeed(control_url, node_id, self.tier, self.apply_purge, state_path)
         return self.feed
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `coro` in the background for as long as the engine lives (cancelled on close)."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def apply_purge(self, purge: Purge) -> int:
         """Drop (or, soft, mark stale) every stored object `purge` covers, and fence off fills
