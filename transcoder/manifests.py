@@ -354,37 +354,66 @@ def parse_mpd(text: str) -> list[DashRepresentation]:
     return reps
 
 
+_CODEC_FAMILIES: dict[str, str] = {
+    "avc1": "avc",
+    "avc3": "avc",
+    "hvc1": "hevc",
+    "hev1": "hevc",
+    "av01": "av1",
+    "vp09": "vp9",
+}
+
+
+def codec_family(codecs: str) -> str:
+    """The decoder a codecs string (RFC 6381) needs: "avc1.64001f" and "avc3.640028" are
+    "avc", "hvc1.1.6.L93.90"/"hev1…" "hevc", "av01.0.04M.08" "av1"; an unknown sample entry
+    is its own family (its four-character code), an empty string the family ""."""
+    entry = codecs.strip().split(",", 1)[0].split(".", 1)[0].strip()
+    return _CODEC_FAMILIES.get(entry, entry)
+
+
 def merge_video_adaptation_sets(text: str) -> str:
-    """Move every video Representation into the first video AdaptationSet of each Period.
+    """Move every video Representation into the first video AdaptationSet of its codec family
+    in each Period: one set for all H.264 rungs, one for HEVC, one for AV1.
 
     ffmpeg's dash muxer refuses rungs whose picture aspect ratios differ by rounding (426x240
     vs 640x360) in one set, yet DASH players only switch bit rates inside one AdaptationSet
-    (ISO/IEC 23009-1 §5.3.3.1). The set's @par is dropped (the rungs differ by a pixel or two;
-    each Representation keeps sar="1:1" and its exact size), @bitstreamSwitching dropped and
-    @maxWidth/@maxHeight recomputed.
+    (ISO/IEC 23009-1 §5.3.3.1). Representations of different codecs stay in different sets:
+    a player picks the set whose codec it can decode and must not be asked to switch decoders
+    mid-stream. A set's family is that of its first Representation's @codecs (or the set's own
+    @codecs); ffmpeg writes one Representation per set. In a set that received
+    Representations, @par is dropped (the rungs differ by a pixel or two; each Representation
+    keeps sar="1:1" and its exact size), @bitstreamSwitching dropped and @maxWidth/@maxHeight
+    recomputed; a set of a family of one is left as ffmpeg wrote it. Idempotent.
     """
     ET.register_namespace("", MPD_NS)
     ET.register_namespace("xsi", "http://www.w3.org/2001/XMLSchema-instance")
     ET.register_namespace("xlink", "http://www.w3.org/1999/xlink")
     root = ET.fromstring(text)
     for period in root.findall("mpd:Period", _NS):
-        sets = [
-            a for a in period.findall("mpd:AdaptationSet", _NS) if a.get("contentType") == "video"
-        ]
-        if len(sets) < 2:
-            continue
-        first = sets[0]
-        for other in sets[1:]:
-            for rep in other.findall("mpd:Representation", _NS):
-                first.append(rep)
-            period.remove(other)
-        reps = first.findall("mpd:Representation", _NS)
-        first.attrib.pop("par", None)
-        # each rung has its own init segment (its own SPS/PPS), so segments of different
-        # rungs can't be concatenated behind one init: no bitstream switching (§5.3.3.2)
-        first.attrib.pop("bitstreamSwitching", None)
-        first.set("maxWidth", str(max(int(r.get("width", "0")) for r in reps)))
-        first.set("maxHeight", str(max(int(r.get("height", "0")) for r in reps)))
+        groups: dict[str, list[ET.Element]] = {}
+        for aset in period.findall("mpd:AdaptationSet", _NS):
+            if aset.get("contentType") != "video":
+                continue
+            first_rep = aset.find("mpd:Representation", _NS)
+            codecs = first_rep.get("codecs") if first_rep is not None else None
+            codecs = codecs or aset.get("codecs") or ""
+            groups.setdefault(codec_family(codecs), []).append(aset)
+        for sets in groups.values():
+            if len(sets) < 2:
+                continue
+            first = sets[0]
+            for other in sets[1:]:
+                for rep in other.findall("mpd:Representation", _NS):
+                    first.append(rep)
+                period.remove(other)
+            reps = first.findall("mpd:Representation", _NS)
+            first.attrib.pop("par", None)
+            # each rung has its own init segment (its own SPS/PPS), so segments of different
+            # rungs can't be concatenated behind one init: no bitstream switching (§5.3.3.2)
+            first.attrib.pop("bitstreamSwitching", None)
+            first.set("maxWidth", str(max(int(r.get("width", "0")) for r in reps)))
+            first.set("maxHeight", str(max(int(r.get("height", "0")) for r in reps)))
     body = ET.tostring(root, encoding="unicode")
     return '<?xml version="1.0" encoding="utf-8"?>\n' + body + "\n"
 

@@ -5,9 +5,13 @@ HLS media playlists, its own master playlist and the poster. This module:
 - rewrites each media playlist for VOD (`manifests.finish_media_playlist`);
 - writes our own master.m3u8 with BANDWIDTH/AVERAGE-BANDWIDTH measured on the real segment
   sizes (RFC 8216 §4.1, §4.3.4.2) and CODECS taken from the MPD ffmpeg wrote (which read
-  them from the encoders' parameter sets);
-- merges the per-rung video adaptation sets of the MPD into one;
-- returns the rendition summary stored on the video row.
+  them from the encoders' parameter sets: avc1.*, hvc1.*, av01.*). Every rung is a variant,
+  in `Ladder.rungs` order: the H.264 rungs largest first, then the optional HEVC/AV1 top
+  rungs, so the first variant (where a player without bandwidth history starts) stays the
+  H.264 top rung and a player skips variants whose CODECS it cannot decode;
+- merges the per-rung video adaptation sets of the MPD into one per codec family
+  (`manifests.merge_video_adaptation_sets`);
+- returns the rendition summary stored on the video row (one entry per variant, same order).
 
 Blocking file I/O: callers run `finish_outputs` in a thread.
 """

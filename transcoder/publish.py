@@ -6,26 +6,18 @@ Rules (DESIGN.md "Video lifecycle"):
 - publish first *reads the manifests back from the store* and walks every reference: master
   playlist → media playlists → EXT-X-MAP and segment URIs (RFC 8216 §4.3.2.5, §4.3.2.1); the
   MPD's SegmentTemplates → init and media segment names. Each must `exist` in the store;
-- only then, in one transaction, the job is completed (compare-and-set on our lease) and the
-  video moves to READY with the new `current_version`. A missing file raises `PublishError`
-  and nothing changes, so a published version is never one with holes.
+- only then does the publish stage (`transcoder.stages.publish_stage`) complete its job and
+  move the video to READY with the new `current_version`, in one transaction. A missing file
+  raises `PublishError` and nothing changes, so a published version is never one with holes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
-
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from transcoder.command import MANIFEST_MPD, MASTER_M3U8, POSTER
 from transcoder.manifests import mpd_files, parse_master, parse_media_playlist, parse_mpd
-from transcoder.package import Packaged
-from vodcore.db.jobs import Job, complete
-from vodcore.db.videos import transition
-from vodcore.layout import version_prefix
-from vodcore.lifecycle import Event
 from vodcore.store import ObjectNotFound, ObjectStore
 
 MANIFESTS = (MASTER_M3U8, MANIFEST_MPD)
@@ -75,33 +67,3 @@ async def referenced_keys(store: ObjectStore, prefix: str) -> list[str]:
 
 async def missing_keys(store: ObjectStore, prefix: str) -> list[str]:
     return [k for k in await referenced_keys(store, prefix) if not await store.exists(k)]
-
-
-async def publish(
-    engine: AsyncEngine,
-    store: ObjectStore,
-    job: Job,
-    version: int,
-    packaged: Packaged,
-) -> None:
-    prefix = version_prefix(job.video_id, version)
-    missing = await missing_keys(store, prefix)
-    if missing:
-        shown = ", ".join(missing[:5])
-        raise PublishError(f"{len(missing)} referenced file(s) missing from the store: {shown}")
-    now = time.time()
-    async with engine.begin() as conn:
-        if not await complete(conn, job, now):
-            raise LeaseLost(f"job {job.id} is no longer ours")
-        await transition(
-            conn,
-            job.video_id,
-            Event.PUBLISHED,
-            now,
-            current_version=version,
-            duration_seconds=round(packaged.duration, 3),
-            width=packaged.width,
-            height=packaged.height,
-            renditions=packaged.renditions,
-            progress=100.0,
-        )

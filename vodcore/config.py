@@ -43,8 +43,24 @@ class Settings:
     )
     max_object_bytes: int = 64 * 1024 * 1024  # larger objects stream through uncached
     token_ttl_seconds: int = 6 * 3600
-    segment_seconds: float = 2.0
+    segment_seconds: float = 6.0
     transcoder_slots: int = 1
+    ffmpeg_threads: int = 0  # per transcoder slot; 0: ffmpeg decides
+    # Publish a quick low rung first (playable sooner), then the full ladder as a new version.
+    first_playable: bool = True
+    # Extra top-of-ladder rungs beside H.264: "", "hevc", "av1" or "hevc,av1".
+    extra_codecs: str = ""
+    quality_report: bool = True  # VMAF of every rung against the source, after publishing
+    # Sources longer than this are encoded as chunks by several jobs (0: never), see
+    # transcoder/chunks.py; chunk length is rounded down to whole segments.
+    chunk_min_seconds: float = 600.0
+    chunk_seconds: float = 120.0
+    vmaf_subsample: int = 5  # score every Nth frame
+    # Sources the transcoder refuses (size is max_upload_bytes), see transcoder/limits.py.
+    max_duration_seconds: float = 6 * 3600.0
+    max_side: int = 8192
+    max_pixels: int = 8192 * 4320
+    min_side: int = 16
     max_upload_bytes: int = 20 * 1024**3
     upload_part_bytes: int = 8 * 1024 * 1024
     upload_ttl_seconds: int = 24 * 3600
@@ -112,6 +128,17 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         "token_ttl_seconds",
         "segment_seconds",
         "transcoder_slots",
+        "ffmpeg_threads",
+        "first_playable",
+        "quality_report",
+        "extra_codecs",
+        "chunk_min_seconds",
+        "chunk_seconds",
+        "vmaf_subsample",
+        "max_duration_seconds",
+        "max_side",
+        "max_pixels",
+        "min_side",
         "max_upload_bytes",
         "upload_part_bytes",
         "upload_ttl_seconds",

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vodcore.db import jobs as q
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.schema import metadata
+from vodcore.db.schema import jobs, metadata
 
 PG_URL = os.environ.get("VOD_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
@@ -79,3 +80,50 @@ async def test_retry_with_backoff_then_final_failure(engine: AsyncEngine) -> Non
 def test_backoff_is_bounded() -> None:
     assert [q.backoff_seconds(n) for n in (1, 2, 3)] == [2, 4, 8]
     assert q.backoff_seconds(50) == 300
+
+
+async def _claim(engine: AsyncEngine, worker: str, now: float) -> q.Job | None:
+    return await q.claim(engine, worker, now=now, lease_seconds=30, kinds=("a", "b", "join"))
+
+
+async def test_a_dependent_waits_for_every_parent_then_keeps_its_place(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        join = await q.enqueue(conn, "v", "join", now=1, version=2, waiting=2)
+        await q.enqueue(conn, "v", "a", now=1, version=2, payload={"x": 1}, then_job=join)
+        await q.enqueue(conn, "v", "b", now=1, version=2, then_job=join)
+        await q.enqueue(conn, "w", "a", now=1)  # another video's job, same enqueue time
+        # one job per (video, kind, version): a retried planner creates nothing twice
+        assert await q.enqueue(conn, "v", "join", now=5, version=2, waiting=2) == join
+    a = await _claim(engine, "w1", 10)
+    b = await _claim(engine, "w2", 10)
+    assert a is not None and b is not None
+    assert (a.kind, a.version, a.payload) == ("a", 2, {"x": 1}) and b.kind == "b"
+
+    # the two parents finish at once, in two transactions: the join is queued exactly once
+    async def finish(job: q.Job, result: dict[str, int]) -> None:
+        async with engine.begin() as conn:
+            assert await q.complete(conn, job, now=20, result=result)
+
+    await asyncio.gather(finish(a, {"a": 1}), finish(b, {"b": 2}))
+    # the join goes before the other video's job: it kept its enqueue time and lower id
+    j = await _claim(engine, "w3", 30)
+    assert j is not None and j.id == join
+    async with engine.connect() as conn:
+        assert await q.results(conn, "v", 2) == {"a": {"a": 1}, "b": {"b": 2}}
+
+
+async def test_a_parent_that_fails_for_good_fails_its_dependents(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        last = await q.enqueue(conn, "v", "b", now=1, version=1, waiting=1)
+        join = await q.enqueue(conn, "v", "join", now=1, version=1, waiting=1, then_job=last)
+        await q.enqueue(conn, "v", "a", now=1, version=1, then_job=join, max_attempts=1)
+    a = await _claim(engine, "w1", 10)
+    assert a is not None and a.kind == "a"
+    async with engine.begin() as conn:
+        assert await q.fail(conn, a, now=11, error="boom", permanent=False)
+    assert await _claim(engine, "w1", 12) is None  # nothing is left waiting for ever
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(jobs.c.kind, jobs.c.state, jobs.c.last_error))).all()
+    states = {r.kind: (r.state, r.last_error) for r in rows}
+    assert states["join"] == ("failed", "a failed: boom")
+    assert states["b"][0] == "failed"

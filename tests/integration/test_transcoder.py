@@ -42,7 +42,8 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data")
+    # 2 s segments so a 4 s clip shows segment alignment (the default is 6 s)
+    return Settings(data_dir=tmp_path / "data", segment_seconds=2.0)
 
 
 @pytest.fixture
@@ -74,8 +75,10 @@ async def run_until_done(settings: Settings, engine: AsyncEngine, n: int, slots:
     try:
         while time.monotonic() - t0 < 60:
             async with engine.connect() as conn:
-                states = (await conn.execute(select(jobs.c.state))).scalars().all()
-            if len(states) == n and all(s in ("done", "failed") for s in states):
+                rows = (await conn.execute(select(jobs.c.kind, jobs.c.state))).all()
+            states = [r.state for r in rows]
+            entries = sum(1 for r in rows if r.kind == KIND)
+            if entries == n and all(s in ("done", "failed") for s in states):
                 break
             assert not pool.done(), pool
             await asyncio.sleep(0.2)
@@ -120,8 +123,11 @@ async def test_transcode_publishes_hls_and_dash(
 
     row = await video_row(engine, "vidgood")
     assert row["state"] == "READY", row["failure_reason"]
-    assert row["current_version"] == 1
+    # version 1: the quick first-playable rung; version 2: the full ladder
+    assert row["current_version"] == 2
     assert row["progress"] == 100.0
+    quick = (settings.store_dir / "media" / "vidgood" / "1" / "master.m3u8").read_text()
+    assert "RESOLUTION=426x240" in quick and "RESOLUTION=640x360" not in quick
     assert row["width"] == 640 and row["height"] == 360
     assert abs(float(str(row["duration_seconds"])) - 4.0) < 0.1
     renditions = row["renditions"]
@@ -129,8 +135,8 @@ async def test_transcode_publishes_hls_and_dash(
     assert [(r["width"], r["height"]) for r in renditions] == [(640, 360), (426, 240)]
     assert all(r["codecs"].startswith("avc1.") and "mp4a.40.2" in r["codecs"] for r in renditions)
 
-    prefix = "media/vidgood/1/"
-    base = settings.store_dir / "media" / "vidgood" / "1"
+    prefix = "media/vidgood/2/"
+    base = settings.store_dir / "media" / "vidgood" / "2"
     master = (base / "master.m3u8").read_text()
     assert "BANDWIDTH=" in master and "AVERAGE-BANDWIDTH=" in master
     assert "RESOLUTION=426x240" in master and "FRAME-RATE=30.000" in master
@@ -164,6 +170,18 @@ async def test_transcode_publishes_hls_and_dash(
     assert len(durations[0]) == 2 and all(abs(d - 2.0) < 0.05 for d in durations[0])
 
     assert (base / "poster.jpg").read_bytes()[:2] == b"\xff\xd8"  # JPEG SOI
+    # seek-bar sprites and their WebVTT track, referenced from the video row
+    thumbs = row["thumbnails"]
+    assert isinstance(thumbs, dict) and thumbs["version"] == 2
+    vtt = (base / thumbs["vtt"]).read_text()
+    assert vtt.startswith("WEBVTT") and "#xywh=" in vtt
+    assert all((base / sheet).is_file() for sheet in thumbs["sheets"])
+    # the VMAF report of every rung, stored with the version and summarised on the row
+    quality = row["quality"]
+    assert isinstance(quality, dict) and quality["version"] == 2
+    assert [r["height"] for r in quality["rungs"]] == [360, 240]
+    assert all(0 < r["vmaf"] <= 100 for r in quality["rungs"])
+    assert (base / "quality.json").is_file()
     assert abs(decoded_seconds(base / "master.m3u8") - 4.0) <= 0.5
     # the work dir is gone
     assert list((settings.data_dir / "tmp").iterdir()) == []
@@ -238,7 +256,67 @@ async def test_stop_kills_ffmpeg_and_releases_the_job(
     assert _processes_mentioning(source) == []
     assert list(tmp.iterdir()) == []
     async with engine.connect() as conn:
-        job = (await conn.execute(select(jobs))).one()
+        rows = (await conn.execute(select(jobs))).all()
+    by_kind = {(r.kind, r.version): r for r in rows}
+    assert by_kind[(KIND, 0)].state == "done"  # the probe stage planned the DAG
+    job = by_kind[("encode", 1)]  # the quick first-playable encode was running
     # handed back at once, the interrupted attempt not counted against the job
     assert job.state == "queued" and job.lease_owner is None and job.attempts == 0
+    assert by_kind[("publish", 1)].state == "blocked"
     assert (await video_row(engine, "vidlong"))["state"] == "PROCESSING"
+
+
+@pytest.fixture
+def twelve_seconds(tmp_path: Path) -> Path:
+    src = tmp_path / "twelve.mp4"
+    subprocess.run(
+        [FFMPEG, "-hide_banner", "-v", "error", "-y",
+         "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30:duration=12",
+         "-f", "lavfi", "-i", "sine=frequency=440:duration=12",
+         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(src)],
+        check=True,
+    )  # fmt: skip
+    return src
+
+
+async def test_a_long_source_is_encoded_in_chunks_by_several_jobs_and_joined(
+    tmp_path: Path, twelve_seconds: Path
+) -> None:
+    src = twelve_seconds
+    # "long" scaled down: a 12 s source above a 8 s threshold, 4 s chunks of 2 s segments
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        segment_seconds=2.0,
+        chunk_min_seconds=8.0,
+        chunk_seconds=4.0,
+        quality_report=False,
+    )
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.db_url)
+    await create_schema(engine)
+    try:
+        store = FilesystemStore(settings.store_dir)
+        await add_video(engine, store, "vidlong", src)
+        await run_until_done(settings, engine, 1, slots=2)
+        row = await video_row(engine, "vidlong")
+        assert row["state"] == "READY", row["failure_reason"]
+        assert row["current_version"] == 2
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(jobs.c.kind, jobs.c.part, jobs.c.state))).all()
+        assert {r.state for r in rows} == {"done"}, rows
+        assert sorted(r.part for r in rows if r.kind == "chunk") == [0, 1, 2], rows
+        assert sum(1 for r in rows if r.kind in ("audio", "join")) == 2
+    finally:
+        await engine.dispose()
+    base = settings.store_dir / "media" / "vidlong" / "2"
+    master = (base / "master.m3u8").read_text()
+    assert "RESOLUTION=640x360" in master and "RESOLUTION=426x240" in master
+    durations = []
+    for uri in parse_master(master):
+        playlist = parse_media_playlist((base / uri).read_text())
+        if "seg-2-" not in playlist.segments[0].uri:  # the video rungs
+            durations.append([round(s.duration, 3) for s in playlist.segments])
+    # six 2 s segments in both rungs, boundaries aligned across the chunks' joins
+    assert durations == [[2.0] * 6, [2.0] * 6]
+    assert abs(decoded_seconds(base / "master.m3u8") - 12.0) <= 0.5
+    assert not await store.list("work/vidlong/")  # the chunks' staging area is cleaned up

@@ -7,7 +7,19 @@ from fractions import Fraction
 import pytest
 
 from transcoder.command import build_argv, filter_graph, keyframe_expr, parse_progress
-from transcoder.ladder import LadderError, plan_ladder, target_fps
+from transcoder.ladder import (
+    AV1,
+    CODEC_BITRATE_RATIO,
+    EXTRA_CODECS,
+    H264,
+    HEVC,
+    MIN_BITRATE_KBPS,
+    LadderError,
+    Rung,
+    extra_rungs,
+    plan_ladder,
+    target_fps,
+)
 from transcoder.probe import Probe
 
 # (coded w, h, sar, rotation) -> expected (w, h) per rung, largest first
@@ -144,3 +156,61 @@ def test_parse_progress() -> None:
     assert parse_progress("out_time_us=9000000", 4.0) == 99.0  # 100 only once published
     assert parse_progress("frame=12", 4.0) is None
     assert parse_progress("out_time_us=1000", None) is None
+
+
+# Extra codecs (HEVC / AV1 top rungs) -------------------------------------------------------
+
+
+def test_no_extra_codecs_by_default() -> None:
+    ladder = plan_ladder(1920, 1080, fps=30)
+    assert {r.codec for r in ladder.rungs} == {H264}
+    assert ladder.codecs == (H264,)
+    # a Rung built positionally (as before the codec field) is an H.264 rung
+    assert Rung(240, 426, 240, 400, 440, 800).codec == H264
+
+
+def test_extra_codecs_add_one_top_rung_each_after_the_h264_ladder() -> None:
+    plain = plan_ladder(1920, 1080, fps=30)
+    ladder = plan_ladder(1920, 1080, fps=30, extra_codecs=(AV1, HEVC))
+    # the H.264 rungs are unchanged and first; extras follow in EXTRA_CODECS order
+    assert ladder.rungs[: len(plain.rungs)] == plain.rungs
+    assert ladder.top == plain.top
+    extra = ladder.rungs[len(plain.rungs) :]
+    assert [r.codec for r in extra] == [HEVC, AV1] == list(EXTRA_CODECS)
+    assert ladder.codecs == (H264, HEVC, AV1)
+    assert ladder.h264_rungs == plain.rungs
+    # the smallest H.264 rung (a quick first-playable encode) is no longer rungs[-1]
+    assert ladder.bottom == plain.rungs[-1] != ladder.rungs[-1]
+    for r in extra:  # the top of the ladder only
+        assert (r.name, r.width, r.height) == (1080, 1920, 1080)
+    hevc, av1 = extra
+    assert CODEC_BITRATE_RATIO == {HEVC: 0.6, AV1: 0.5}
+    assert (hevc.bitrate_kbps, hevc.maxrate_kbps, hevc.bufsize_kbps) == (3000, 3300, 6000)
+    assert (av1.bitrate_kbps, av1.maxrate_kbps, av1.bufsize_kbps) == (2500, 2750, 5000)
+
+
+@pytest.mark.parametrize(
+    "extras",
+    [("hevc", "av1"), ["av1", "hevc", "av1"], "hevc,av1", "av1 hevc", ("h264", "hevc", "av1")],
+)
+def test_extra_codecs_spellings(extras: tuple[str, ...] | list[str] | str) -> None:
+    ladder = plan_ladder(1280, 720, fps=30, extra_codecs=extras)
+    assert [r.codec for r in ladder.rungs] == [H264] * 4 + [HEVC, AV1]
+
+
+def test_extra_codecs_portrait_small_and_invalid() -> None:
+    portrait = plan_ladder(1080, 1920, fps=30, extra_codecs=("hevc",))
+    assert (portrait.rungs[-1].width, portrait.rungs[-1].height) == (1080, 1920)
+    # a source below 240: the one rung gets its extras, never below the bitrate floor
+    tiny = plan_ladder(160, 120, fps=30, extra_codecs=("hevc", "av1"))
+    assert [(r.codec, r.width, r.height) for r in tiny.rungs] == [
+        (H264, 160, 120),
+        (HEVC, 160, 120),
+        (AV1, 160, 120),
+    ]
+    assert all(r.bitrate_kbps >= MIN_BITRATE_KBPS for r in tiny.rungs)
+    # smaller than EXTRA_MIN_SIDE: libx265 can't encode it, no extras
+    assert [r.codec for r in plan_ladder(40, 14, extra_codecs=("hevc", "av1")).rungs] == [H264]
+    with pytest.raises(LadderError, match="vp9"):
+        plan_ladder(1280, 720, extra_codecs=("vp9",))
+    assert extra_rungs(plan_ladder(1280, 720).top, ()) == ()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from transcoder.manifests import (
@@ -12,6 +14,7 @@ from transcoder.manifests import (
     average_bit_rate,
     build_master,
     check_ref,
+    codec_family,
     expand_template,
     finish_media_playlist,
     merge_video_adaptation_sets,
@@ -248,3 +251,75 @@ def test_check_ref() -> None:
     for bad in ("", "../x", "a/../b", "/abs", "x?y=1", "https://h/x", "a b"):
         with pytest.raises(ManifestError):
             check_ref(bad)
+
+
+def _set(rep_id: int, codecs: str, width: int, height: int, par: str) -> str:
+    """One video AdaptationSet the way ffmpeg 9's dash muxer writes it (one Representation)."""
+    return (
+        f'\t\t<AdaptationSet id="{rep_id}" contentType="video" startWithSAP="1" '
+        f'segmentAlignment="true" bitstreamSwitching="true" frameRate="30/1" '
+        f'maxWidth="{width}" maxHeight="{height}" par="{par}">\n'
+        f'\t\t\t<Representation id="{rep_id}" mimeType="video/mp4" codecs="{codecs}" '
+        f'bandwidth="400000" width="{width}" height="{height}" sar="1:1">\n'
+        '\t\t\t\t<SegmentTemplate timescale="1000000" duration="2000000" '
+        'initialization="init-$RepresentationID$.mp4" '
+        'media="seg-$RepresentationID$-$Number%05d$.m4s" startNumber="1">\n'
+        "\t\t\t\t</SegmentTemplate>\n\t\t\t</Representation>\n\t\t</AdaptationSet>\n"
+    )
+
+
+# video sets interleaved on purpose (H.264 360p, HEVC 360p, H.264 240p, AV1 360p), then audio;
+# the codecs strings are those ffmpeg 9 wrote for a 640x360 encode
+MULTI_CODEC_MPD = FFMPEG_MPD.replace(
+    FFMPEG_MPD[
+        FFMPEG_MPD.index('\t\t<AdaptationSet id="0"') : FFMPEG_MPD.index(
+            '\t\t<AdaptationSet id="2"'
+        )
+    ],
+    _set(0, "avc1.64001e", 640, 360, "16:9")
+    + _set(3, "hvc1.1.6.L63.90", 640, 360, "16:9")
+    + _set(1, "avc1.640015", 426, 240, "71:40")
+    + _set(4, "av01.0.01M.08", 640, 360, "16:9"),
+)
+
+
+def test_merge_keeps_one_adaptation_set_per_codec_family() -> None:
+    assert MULTI_CODEC_MPD.count('contentType="video"') == 4
+    merged = merge_video_adaptation_sets(MULTI_CODEC_MPD)
+    root = ET.fromstring(merged)
+    ns = {"m": "urn:mpeg:dash:schema:mpd:2011"}
+    sets = [
+        (a.get("id"), [(r.get("id"), r.get("codecs")) for r in a.findall("m:Representation", ns)])
+        for a in root.findall("m:Period/m:AdaptationSet", ns)
+    ]
+    assert sets == [
+        ("0", [("0", "avc1.64001e"), ("1", "avc1.640015")]),  # both H.264 rungs
+        ("3", [("3", "hvc1.1.6.L63.90")]),
+        ("4", [("4", "av01.0.01M.08")]),
+        ("2", [("2", "mp4a.40.2")]),
+    ]
+    by_id = {a.get("id"): a for a in root.findall("m:Period/m:AdaptationSet", ns)}
+    # the merged H.264 set loses @par and @bitstreamSwitching; single-codec sets keep theirs
+    assert "par" not in by_id["0"].attrib and "bitstreamSwitching" not in by_id["0"].attrib
+    assert by_id["3"].get("par") == "16:9" and by_id["4"].get("bitstreamSwitching") == "true"
+    # the same files, in set order (the 240p H.264 rung moved ahead of HEVC)
+    assert sorted(mpd_files(parse_mpd(merged))) == sorted(mpd_files(parse_mpd(MULTI_CODEC_MPD)))
+    assert merge_video_adaptation_sets(merged) == merged  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("codecs", "family"),
+    [
+        ("avc1.64001f", "avc"),
+        ("avc3.640028", "avc"),
+        ("hvc1.1.6.L93.90", "hevc"),
+        ("hev1.2.4.L120.90", "hevc"),
+        ("av01.0.04M.08", "av1"),
+        ("vp09.00.10.08", "vp9"),
+        ("avc1.64001f,mp4a.40.2", "avc"),
+        ("mp4a.40.2", "mp4a"),
+        ("", ""),
+    ],
+)
+def test_codec_family(codecs: str, family: str) -> None:
+    assert codec_family(codecs) == family

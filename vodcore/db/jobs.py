@@ -1,6 +1,11 @@
-"""A durable job queue in the metadata store: a table with leases.
+"""A durable job queue in the metadata store: a table with leases, and dependencies (a DAG).
 
-- `enqueue` is idempotent per (video, kind): a repeat returns the existing job.
+- `enqueue` is idempotent per (video, kind, version, part): a repeat returns the existing job.
+- dependencies: a job enqueued with `waiting=N` starts `blocked`; each of its N parents names
+  it as `then_job`, and `complete` on a parent decrements `waiting` in the same transaction
+  (one atomic UPDATE, safe when two parents finish at once) and queues it at zero. A parent
+  that fails for good fails its dependents too (`fail`), so nothing waits for ever. A parent
+  passes its output to dependents as `result`; `results` reads them.
 - `claim` takes the oldest runnable job (queued and due, or running with an expired lease)
   with a compare-and-set UPDATE, so two workers never hold one job; it runs unchanged on SQLite
   and PostgreSQL (no SKIP LOCKED needed at this scale; PostgreSQL can add it later).
@@ -13,8 +18,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from vodcore.db.schema import jobs
@@ -28,6 +34,9 @@ class Job:
     attempts: int
     max_attempts: int
     lease_owner: str
+    version: int = 0
+    payload: dict[str, Any] | None = None
+    part: int = 0
 
 
 def backoff_seconds(attempts: int) -> float:
@@ -36,11 +45,28 @@ def backoff_seconds(attempts: int) -> float:
 
 
 async def enqueue(
-    conn: AsyncConnection, video_id: str, kind: str, now: float, max_attempts: int = 3
+    conn: AsyncConnection,
+    video_id: str,
+    kind: str,
+    now: float,
+    max_attempts: int = 3,
+    *,
+    version: int = 0,
+    part: int = 0,
+    payload: dict[str, Any] | None = None,
+    waiting: int = 0,
+    then_job: int | None = None,
 ) -> int:
     row = (
         await conn.execute(
-            select(jobs.c.id).where(and_(jobs.c.video_id == video_id, jobs.c.kind == kind))
+            select(jobs.c.id).where(
+                and_(
+                    jobs.c.video_id == video_id,
+                    jobs.c.kind == kind,
+                    jobs.c.version == version,
+                    jobs.c.part == part,
+                )
+            )
         )
     ).first()
     if row:
@@ -49,7 +75,12 @@ async def enqueue(
         jobs.insert().values(
             video_id=video_id,
             kind=kind,
-            state="queued",
+            version=version,
+            part=part,
+            payload=payload,
+            waiting=waiting,
+            then_job=then_job,
+            state="blocked" if waiting > 0 else "queued",
             attempts=0,
             max_attempts=max_attempts,
             run_after=now,
@@ -94,7 +125,15 @@ async def claim(
             )
             if res.rowcount == 1:
                 return Job(
-                    row.id, row.video_id, row.kind, row.attempts + 1, row.max_attempts, worker
+                    row.id,
+                    row.video_id,
+                    row.kind,
+                    row.attempts + 1,
+                    row.max_attempts,
+                    worker,
+                    row.version,
+                    row.payload,
+                    row.part,
                 )
     return None
 
@@ -119,13 +158,77 @@ async def heartbeat(
         return res.rowcount == 1
 
 
-async def complete(conn: AsyncConnection, job: Job, now: float) -> bool:
+async def complete(
+    conn: AsyncConnection, job: Job, now: float, result: dict[str, Any] | None = None
+) -> bool:
+    """Mark the job done with its `result` and unblock its dependent. False: not our lease."""
     res = await conn.execute(
         update(jobs)
         .where(_held(job))
-        .values(state="done", lease_expires_at=None, progress=100.0, updated_at=now)
+        .values(state="done", lease_expires_at=None, progress=100.0, result=result, updated_at=now)
+        .returning(jobs.c.then_job)
     )
-    return res.rowcount == 1
+    row = res.first()
+    if row is None:
+        return False
+    if row.then_job is not None:
+        await conn.execute(
+            update(jobs)
+            .where(jobs.c.id == row.then_job)
+            .values(
+                waiting=jobs.c.waiting - 1,
+                # run_after stays the enqueue time: a dependent keeps its place in the queue
+                # (a publish goes before later encodes), it does not join the back of it
+                state=case((jobs.c.waiting <= 1, "queued"), else_=jobs.c.state),
+                updated_at=now,
+            )
+        )
+    return True
+
+
+async def results(conn: AsyncConnection, video_id: str, version: int) -> dict[str, Any]:
+    """{kind: result} of the finished single-part jobs that built `version` of the video."""
+    rows = await conn.execute(
+        select(jobs.c.kind, jobs.c.result).where(
+            and_(
+                jobs.c.video_id == video_id,
+                jobs.c.version == version,
+                jobs.c.part == 0,
+                jobs.c.state == "done",
+            )
+        )
+    )
+    return {r.kind: r.result for r in rows}
+
+
+async def part_results(
+    conn: AsyncConnection, video_id: str, version: int, kind: str
+) -> list[dict[str, Any] | None]:
+    """The results of every part of a many-part stage (e.g. chunks), in part order; a part
+    not done yet shows as None."""
+    rows = await conn.execute(
+        select(jobs.c.state, jobs.c.result)
+        .where(and_(jobs.c.video_id == video_id, jobs.c.version == version, jobs.c.kind == kind))
+        .order_by(jobs.c.part)
+    )
+    return [r.result if r.state == "done" else None for r in rows]
+
+
+async def _fail_dependents(
+    conn: AsyncConnection, then_job: int | None, now: float, why: str
+) -> None:
+    seen = 0
+    while then_job is not None and seen < 32:  # a chain, never a cycle; bounded anyway
+        row = (
+            await conn.execute(
+                update(jobs)
+                .where(and_(jobs.c.id == then_job, jobs.c.state == "blocked"))
+                .values(state="failed", last_error=why[:2000], updated_at=now)
+                .returning(jobs.c.then_job)
+            )
+        ).first()
+        then_job = row.then_job if row else None
+        seen += 1
 
 
 async def release(engine: AsyncEngine, job: Job, now: float) -> bool:
@@ -149,16 +252,21 @@ async def release(engine: AsyncEngine, job: Job, now: float) -> bool:
 async def fail(conn: AsyncConnection, job: Job, now: float, error: str, *, permanent: bool) -> bool:
     """Record a failure. Returns True when the job is finally failed (no more retries)."""
     final = permanent or job.attempts >= job.max_attempts
-    await conn.execute(
-        update(jobs)
-        .where(_held(job))
-        .values(
-            state="failed" if final else "queued",
-            lease_owner=None,
-            lease_expires_at=None,
-            last_error=error[:2000],
-            run_after=now + (0 if final else backoff_seconds(job.attempts)),
-            updated_at=now,
+    row = (
+        await conn.execute(
+            update(jobs)
+            .where(_held(job))
+            .values(
+                state="failed" if final else "queued",
+                lease_owner=None,
+                lease_expires_at=None,
+                last_error=error[:2000],
+                run_after=now + (0 if final else backoff_seconds(job.attempts)),
+                updated_at=now,
+            )
+            .returning(jobs.c.then_job)
         )
-    )
+    ).first()
+    if final and row is not None:
+        await _fail_dependents(conn, row.then_job, now, f"{job.kind} failed: {error}")
     return final

@@ -35,6 +35,8 @@ videos = Table(
     Column("height", Integer, nullable=True),
     Column("renditions", JSON, nullable=True),
     Column("progress", Float, nullable=True),
+    Column("thumbnails", JSON, nullable=True),  # seek-bar sprites: {version, vtt, interval, …}
+    Column("quality", JSON, nullable=True),  # VMAF per rung of the current full ladder
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("ready_at", Float, nullable=True),
@@ -59,7 +61,14 @@ jobs = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("video_id", String(40), nullable=False, index=True),
     Column("kind", String(32), nullable=False),
-    Column("state", String(16), nullable=False),  # queued | running | done | failed
+    # queued | running | done | failed | blocked (waiting for `waiting` parents to finish)
+    Column("state", String(16), nullable=False),
+    Column("version", Integer, nullable=False, default=0),  # the media version it builds
+    Column("part", Integer, nullable=False, default=0),  # e.g. the chunk of a long source
+    Column("payload", JSON, nullable=True),  # the stage's input, written by whoever enqueued it
+    Column("result", JSON, nullable=True),  # the stage's output, read by its dependents
+    Column("waiting", Integer, nullable=False, default=0),  # unfinished parents
+    Column("then_job", Integer, nullable=True),  # the dependent this job unblocks when done
     Column("attempts", Integer, nullable=False, default=0),
     Column("max_attempts", Integer, nullable=False, default=3),
     Column("lease_owner", String(64), nullable=True),
@@ -69,7 +78,7 @@ jobs = Table(
     Column("progress", Float, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
-    UniqueConstraint("video_id", "kind", name="uq_jobs_video_kind"),
+    UniqueConstraint("video_id", "kind", "version", "part", name="uq_jobs_stage"),
 )
 
 api_keys = Table(
