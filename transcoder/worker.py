@@ -47,8 +47,6 @@ from vodcore.store.factory import close_store, make_store
 log = logging.getLogger("vod.transcoder")
 
 KIND = pl.PROBE  # what control enqueues when an upload completes
-LEASE_SECONDS = 30.0
-HEARTBEAT_SECONDS = 5.0
 IDLE_POLL_SECONDS = 0.5
 
 
@@ -63,12 +61,19 @@ async def _mark_failed(engine: AsyncEngine, job: jobq.Job, reason: str, *, perma
     return final
 
 
-async def _keep_lease(engine: AsyncEngine, job: jobq.Job, progress: Progress) -> None:
+def heartbeat_seconds(lease_seconds: float) -> float:
+    """Six heartbeats per lease: a busy database may miss a few before the lease runs out."""
+    return max(0.2, lease_seconds / 6)
+
+
+async def _keep_lease(
+    engine: AsyncEngine, job: jobq.Job, progress: Progress, lease_seconds: float
+) -> None:
     """Returns only when the lease is lost."""
     while True:
-        await asyncio.sleep(HEARTBEAT_SECONDS)
+        await asyncio.sleep(heartbeat_seconds(lease_seconds))
         try:
-            ok = await jobq.heartbeat(engine, job, time.time(), LEASE_SECONDS, progress.percent)
+            ok = await jobq.heartbeat(engine, job, time.time(), lease_seconds, progress.percent)
             if progress.to_video or job.kind == pl.ENCODE:
                 shown = videos.c.id == job.video_id
                 if not progress.to_video:  # the full ladder's, once a version plays
@@ -108,7 +113,9 @@ async def process_one(ctx: Ctx, job: jobq.Job) -> str:
     Cancellation propagates (the job is left for re-lease)."""
     progress = Progress(to_video=reports_progress(job))
     work = asyncio.create_task(_run(ctx, job, progress))
-    lease = asyncio.create_task(_keep_lease(ctx.engine, job, progress))
+    lease = asyncio.create_task(
+        _keep_lease(ctx.engine, job, progress, ctx.settings.job_lease_seconds)
+    )
     try:
         await asyncio.wait({work, lease}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -144,7 +151,8 @@ async def _job_loop(ctx: Ctx, worker: str, stop: asyncio.Event) -> None:
     engine = ctx.engine
     while not stop.is_set():
         try:
-            job = await jobq.claim(engine, worker, time.time(), LEASE_SECONDS, pl.KINDS)
+            lease = ctx.settings.job_lease_seconds
+            job = await jobq.claim(engine, worker, time.time(), lease, pl.KINDS)
         except Exception:
             log.warning("claim failed", exc_info=True)
             job = None

@@ -46,6 +46,8 @@ class Settings:
     segment_seconds: float = 6.0
     transcoder_slots: int = 1
     ffmpeg_threads: int = 0  # per transcoder slot; 0: ffmpeg decides
+    # A job whose worker stops heart-beating for this long is claimed again by another.
+    job_lease_seconds: float = 30.0
     # Publish a quick low rung first (playable sooner), then the full ladder as a new version.
     first_playable: bool = True
     # Extra top-of-ladder rungs beside H.264: "", "hevc", "av1" or "hevc,av1".
@@ -129,6 +131,7 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         "segment_seconds",
         "transcoder_slots",
         "ffmpeg_threads",
+        "job_lease_seconds",
         "first_playable",
         "quality_report",
         "extra_codecs",

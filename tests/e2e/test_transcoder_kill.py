@@ -1,0 +1,118 @@
+"""A transcoder worker killed with SIGKILL mid-encode changes nothing in the end result: its
+lease runs out, another worker claims the job again and publishes a complete version."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tests.integration.test_transcoder import FFMPEG, _processes_mentioning, decoded_seconds
+from tests.procs import VodProcess
+from transcoder.manifests import parse_master, parse_media_playlist
+from transcoder.worker import KIND
+from vodcore.config import Settings
+from vodcore.db.engine import create_schema, make_engine
+from vodcore.db.jobs import enqueue
+from vodcore.db.schema import jobs, videos
+from vodcore.layout import source_key
+from vodcore.store.fs import FilesystemStore
+
+CONFIG = """
+segment_seconds = 2.0
+job_lease_seconds = 3.0
+first_playable = false
+quality_report = false
+"""
+
+
+async def _setup(settings: Settings, src: Path) -> None:
+    engine = make_engine(settings.db_url)
+    await create_schema(engine)
+    await FilesystemStore(settings.store_dir).put_file(source_key("vidkill"), src)
+    now = time.time()
+    async with engine.begin() as conn:
+        await conn.execute(
+            videos.insert().values(
+                id="vidkill", title="t", description="", visibility="public",
+                state="UPLOADED", created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+        await enqueue(conn, "vidkill", KIND, now)
+    await engine.dispose()
+
+
+async def _jobs(settings: Settings) -> list[tuple[str, str, int]]:
+    engine = make_engine(settings.db_url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(jobs.c.kind, jobs.c.state, jobs.c.attempts))).all()
+            video = (await conn.execute(select(videos.c.state, videos.c.current_version))).one()
+    finally:
+        await engine.dispose()
+    return [(r.kind, r.state, r.attempts) for r in rows] + [("video", *video)]
+
+
+def test_sigkill_mid_encode_then_another_worker_finishes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = tmp_path / "vod.toml"
+    cfg.write_text(CONFIG)
+    settings = Settings(data_dir=data)
+    src = tmp_path / "src.mp4"
+    subprocess.run(
+        [FFMPEG, "-hide_banner", "-v", "error", "-y",
+         "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30:duration=8",
+         "-f", "lavfi", "-i", "sine=frequency=440:duration=8",
+         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(src)],
+        check=True,
+    )  # fmt: skip
+    asyncio.run(_setup(settings, src))
+    args = ["transcoder", "--data", str(data), "--config", str(cfg), "--slots", "1"]
+
+    first = VodProcess(args, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not list((data / "tmp").glob("*encode*/out/seg-*")):  # ffmpeg is mid-encode
+            assert time.monotonic() < deadline, first.output()
+            assert first.proc.poll() is None, first.output()
+            time.sleep(0.05)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        first.stop()
+    # ffmpeg runs in its own session, so it outlives a SIGKILLed worker; a real machine that
+    # lost its worker lost its ffmpeg too: kill it the same way
+    for pid in _processes_mentioning(str(settings.store_dir / "source" / "vidkill")):
+        os.kill(pid, signal.SIGKILL)
+    state = asyncio.run(_jobs(settings))
+    assert ("encode", "running", 1) in state, state  # the dead worker's lease, still held
+
+    second = VodProcess(args, tmp_path / "second.log")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            state = asyncio.run(_jobs(settings))
+            if ("video", "READY", 1) in state and all(
+                s in ("done", "failed") for k, s, _ in state if k != "video"
+            ):
+                break
+            assert time.monotonic() < deadline, (state, second.output()[-3000:])
+            assert second.proc.poll() is None, second.output()
+            time.sleep(0.2)
+    finally:
+        assert second.stop() == 0
+    assert ("encode", "done", 2) in state, state  # claimed again after the lease ran out
+    assert all(s == "done" for k, s, _ in state if k != "video"), state
+    base = settings.store_dir / "media" / "vidkill" / "1"
+    master = (base / "master.m3u8").read_text()
+    for uri in parse_master(master):
+        playlist = parse_media_playlist((base / uri).read_text())
+        assert abs(sum(x.duration for x in playlist.segments) - 8.0) < 0.1
+        assert all((base / u).is_file() for u in playlist.uris())
+    assert abs(decoded_seconds(base / "master.m3u8") - 8.0) <= 0.5
