@@ -18,9 +18,10 @@ Targets, interleaved (the order alternates from one repetition to the next):
   HLS+DASH output (argv from `build_argv` with a one-rung ladder: its poster comes along; the
   audio goes with the top rung); wall time until the last one exits;
 - ours: the whole pipeline doing the raw command's work (`first_playable` and the VMAF
-  report off; its thumbnails stage stays, as an extra decode), in this process: the source is put in a FilesystemStore, the video
-  row inserted and a `transcode` job enqueued (the moment the upload completes), and
-  `transcoder.worker.run_pool(slots=1)`, already running and idle, takes it from there.
+  report off; its thumbnails stage stays, as an extra decode), in this process: the source
+  is put in a FilesystemStore, the video row inserted and a `transcode` job enqueued (the
+  moment the upload completes), and `transcoder.worker.run_pool(slots=1)`, already running
+  and idle, takes it from there.
   Full ladder: from the enqueue to the completion time of the video's last job
   (`jobs.updated_at`, so the VMAF report stage counts if there is one), once the video is READY
   and none of its jobs has been queued or running for 2 s (a stage that enqueues a follow-up
