@@ -14,6 +14,7 @@ from aiohttp import web
 from control.auth import authenticate
 from control.ids import is_id
 from control.moderation import Moderation
+from control.negcache import NegativeCache
 from control.purges import Purges
 from control.signing import Signing
 from control.tus import TusEndpoint, upload_url
@@ -77,9 +78,10 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/uploads", create_upload)
     app.router.add_post("/v1/uploads/{sid}/complete", complete_upload)
     TusEndpoint(uploads).routes(app)
-    Videos(settings, engine, keys).routes(app)
+    negative = NegativeCache()  # shared: moderation forgets what it changes
+    Videos(settings, engine, keys, negative).routes(app)
     purges = Purges(engine)
     purges.routes(app)
-    Moderation(purges).routes(app)
+    Moderation(purges, store, negative).routes(app)
     Signing(purges, keys).routes(app)
     return app

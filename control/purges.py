@@ -3,11 +3,14 @@
 - `POST /v1/purges` (operator) appends a purge to the log (table `purges`, ordered by `seq`)
   in one transaction with its event, and wakes every open stream at once → 202
   `{purgeId, seq}`.
-- `GET /v1/purges/stream?after=SEQ&node=ID&tier=T` is a server-sent-event stream of every purge
-  with seq > SEQ, in order, then of new ones as they are appended; `id:` is the seq, so a node
-  that reconnects resumes from the last one it applied and misses nothing (the log is durable).
-  Comments (`: ping`) keep idle connections alive and refresh the node's last-seen time.
-- `POST /v1/purges/acks {node, tier, seqs}`: a node says which purges it applied.
+- `GET /v1/purges/stream?after=SEQ&node=ID&tier=T` (T: edge, shield or origin) is a
+  server-sent-event stream of every purge with seq > SEQ, in order, then of new ones as they
+  are appended; `id:` is the seq, so a node that reconnects resumes from the last one it applied
+  and misses nothing (the log is durable). Once per connection, when the backlog has been sent,
+  an `event: live` (data: the last seq sent) says the node is caught up. Comments (`: ping`)
+  keep idle connections alive and refresh the node's last-seen time.
+- `POST /v1/purges/acks {node, tier, seqs}`: a node says which purges it applied (the highest
+  seq also stands for every lower one: the node's applied seq is the maximum).
 - `GET /v1/purges/{id}`: which active nodes (seen in the last `ACTIVE_SECONDS`) applied it and
   when, and `complete` once all of them have.
 Wake-ups are in-process (one control process); every stream also re-reads the log every
@@ -39,6 +42,7 @@ POLL_SECONDS = 1.0
 PING_SECONDS = 10.0
 BATCH = 500
 TAIL = 10_000  # recent purges kept in memory for the streams
+TIERS = ("edge", "shield", "origin")  # the nodes that follow the log
 
 
 def _row_to_purge(row: Any) -> Purge:
@@ -194,8 +198,10 @@ class Purges:
         after_s = request.query.get("after", "0")
         node = request.query.get("node", "")
         tier = request.query.get("tier", "")
-        if not after_s.isdigit() or not node or len(node) > 80 or tier not in ("edge", "shield"):
-            raise ApiError(VALIDATION, "after (a number), node and tier (edge|shield) required")
+        if not after_s.isdigit() or not node or len(node) > 80 or tier not in TIERS:
+            raise ApiError(
+                VALIDATION, "after (a number), node and tier (edge|shield|origin) required"
+            )
         after = int(after_s)
         await self._seen(node, tier, time.time())
         resp = web.StreamResponse(
@@ -203,6 +209,7 @@ class Purges:
         )
         await resp.prepare(request)
         last_ping = time.monotonic()
+        live = False
         while not self._closing:
             transport = request.transport
             if transport is None or transport.is_closing():
@@ -217,6 +224,9 @@ class Purges:
                     after = p.seq
                 await resp.write("".join(out).encode())
                 continue
+            if not live:  # the backlog is out: the node is caught up
+                await resp.write(f"event: live\ndata: {after}\n\n".encode())
+                live = True
             if time.monotonic() - last_ping >= PING_SECONDS:
                 await resp.write(b": ping\n\n")
                 await self._seen(node, tier, time.time())
@@ -234,11 +244,11 @@ class Purges:
         node, tier, seqs = doc.get("node"), doc.get("tier"), doc.get("seqs")
         if (
             not isinstance(node, str) or not node or len(node) > 80
-            or tier not in ("edge", "shield")
+            or tier not in TIERS
             or not isinstance(seqs, list) or not seqs
             or not all(type(s) is int and s > 0 for s in seqs)
         ):  # fmt: skip
-            raise ApiError(VALIDATION, "node, tier (edge|shield) and seqs (positive ints)")
+            raise ApiError(VALIDATION, "node, tier (edge|shield|origin) and seqs (positive ints)")
         now = time.time()
         async with self._write, self.engine.begin() as conn:
             known = set(

@@ -1,9 +1,15 @@
 """Video resources and playback authorization.
 
-`GET /v1/videos/{id}` shows the video; `GET /v1/videos/{id}/playback` hands out signed URLs
-only when the video is READY (DESIGN.md): 409 with the state before that, 404 unknown, 451
+`GET /v1/videos/{id}` shows the video in any state but two: a taken-down video answers 451
+(blocked) or 410 (deleted), with its `state` in the error, and shows nothing else (title and
+description may be what it was taken down for). `GET /v1/videos/{id}/playback` hands out signed
+URLs only when the video is READY (DESIGN.md): 409 with the state before that, 404 unknown, 451
 blocked, 410 deleted. URLs carry the token in the path so relative manifest URLs keep it:
 `{edge}/v/{videoId}/{token}/{version}/master.m3u8`.
+
+Negative answers (unknown, blocked, deleted) are remembered for `negcache.TTL_SECONDS` in this
+process (`control.negcache`), so a player hammering a taken-down video costs no database read;
+moderation forgets the video's entry when it changes its state.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control.ids import is_id
+from control.negcache import MISSING, NegativeCache
 from vodcore.config import Settings
 from vodcore.db.schema import video_cutoffs
 from vodcore.db.videos import get_video
@@ -64,11 +71,29 @@ def playback_urls(edge: str, video_id: str, token: str, version: int) -> dict[st
     }
 
 
+def refusal(state: str) -> ApiError | None:
+    """The error for a negative answer: unknown, blocked, deleted; None for any other state."""
+    if state == MISSING:
+        return ApiError(NOT_FOUND, "no such video")
+    if state == State.BLOCKED:
+        return ApiError(BLOCKED, extra={"state": state})
+    if state == State.DELETED:
+        return ApiError(GONE, "the video was deleted", extra={"state": state})
+    return None
+
+
 class Videos:
-    def __init__(self, settings: Settings, engine: AsyncEngine, keys: SigningKeys) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        keys: SigningKeys,
+        negative: NegativeCache | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.keys = keys
+        self.negative = negative if negative is not None else NegativeCache()
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/videos/{id}", self.get)
@@ -76,12 +101,22 @@ class Videos:
         app.router.add_get("/v1/keys/jwks.json", self.jwks)
 
     async def _load(self, video_id: str) -> RowMapping:
+        """The video, unless it is unknown, blocked or deleted (404, 451, 410; remembered)."""
         if not is_id(video_id, "vid"):
             raise ApiError(NOT_FOUND, "no such video")
+        neg = self.negative
+        known = neg.get(video_id, time.monotonic())
+        if known is not None and (err := refusal(known)) is not None:
+            raise err
+        epoch = neg.epoch  # before the read: an invalidation meanwhile keeps it out
         async with self.engine.connect() as conn:
             v = await get_video(conn, video_id)
-        if v is None:
-            raise ApiError(NOT_FOUND, "no such video")
+        state = MISSING if v is None else str(v["state"])
+        err = refusal(state)
+        if err is not None:
+            neg.put(video_id, state, time.monotonic(), epoch)
+            raise err
+        assert v is not None
         return v
 
     async def get(self, request: web.Request) -> web.Response:
@@ -91,10 +126,6 @@ class Videos:
     async def playback(self, request: web.Request) -> web.Response:
         v = await self._load(request.match_info["id"])
         state = State(v["state"])
-        if state is State.BLOCKED:
-            raise ApiError(BLOCKED, extra={"state": state.value})
-        if state is State.DELETED:
-            raise ApiError(GONE, "the video was deleted", extra={"state": state.value})
         if state is not State.READY or v["current_version"] is None:
             raise ApiError(
                 NOT_READY, f"the video is {state.value}, not READY", extra={"state": state.value}

@@ -31,7 +31,7 @@ from vodcore.cache.purgefeed import follow_purges
 from vodcore.config import Settings
 from vodcore.errors import BAD_PATH, BAD_TOKEN, ApiError
 from vodcore.fastpath import FastPath
-from vodcore.purge import Purge
+from vodcore.purge import TAKEDOWNS, Purge
 from vodcore.server import FAST_PATH_KEY, base_app, media_segments
 from vodcore.tokens import TokenError, verify
 
@@ -124,16 +124,17 @@ def track_cutoffs(
     control: str,
     ring: KeyRing,
 ) -> None:
-    """Keep the videos' token cutoffs: set by each `block` entry of the purge log (before the
-    video's cached objects are dropped), and reloaded from control whenever the log's stream
-    (re)connects, so a restarted edge knows every takedown, not only the ones it replays."""
+    """Keep the videos' token cutoffs: set by each `block` or `delete` entry of the purge log
+    (before the video's cached objects are dropped; `unblock` and `restore` leave them), and
+    reloaded from control whenever the log's stream (re)connects, so a restarted edge knows
+    every takedown, not only the ones it replays."""
 
     def on_purge(p: Purge) -> None:
         if p.action == "keys":
             # The signing key set changed: refetch it now. Until then a revoked kid's tokens
             # may still pass for the few ms the fetch takes.
             engine.spawn(ring.refresh(engine.session))
-        if p.action == "block" and p.cutoff is not None:
+        if p.action in TAKEDOWNS and p.cutoff is not None:  # block, delete
             for vid in p.targets:
                 cutoffs[vid] = max(cutoffs.get(vid, 0.0), p.cutoff)
                 verified.forget_video(vid)

@@ -12,22 +12,40 @@ Bodies: a store with the `local_path` capability (the filesystem) is sent by `se
 a Range request fetches only that range from the backend. A client that leaves mid-body, or an
 object that turns out shorter than its stat, aborts the connection (a short body must never
 look complete to a cache) without a traceback or a 500 in the log.
+
+Takedowns (issue 4): started with `control_url` (`vod origin --control URL`; `vod up` passes
+it), the origin follows control's purge log (`PurgeFeed`, tier `origin`) and refuses every
+object of a blocked video with 451 `blocked` and of a deleted one with 410 `gone` (JSON from
+the error catalogue, `Cache-Control: no-store`), before the store is asked; `unblock` and
+`restore` lift it (`origin.takedowns` holds the rules). It keeps no state file: at each start it
+replays the log from seq 0, applying only the takedown entries (and acknowledging only those, plus
+its highest seq), so once control says the backlog is out (`live`) its set of refused videos is
+exact. Until then it fails open: it serves, and logs one warning, because an origin that refused
+everything while control is unreachable would take the whole catalogue down, and the other
+guards hold meanwhile (the playback API refuses, edges refuse the videos' older tokens, and a
+deleted video's objects are no longer under `media/`). Without `control_url` it refuses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 
+import aiohttp
 from aiohttp import web
 
 from origin import policy
+from origin.takedowns import Takedowns, is_takedown_entry
 from vodcore import metrics
 from vodcore.cache import conditional
 from vodcore.cache.policy import fold_headers
+from vodcore.cache.purgefeed import PurgeFeed
 from vodcore.config import Settings
-from vodcore.errors import NOT_FOUND, RANGE_NOT_SATISFIABLE, UNAVAILABLE, ApiError
+from vodcore.errors import BLOCKED, GONE, NOT_FOUND, RANGE_NOT_SATISFIABLE, UNAVAILABLE, ApiError
+from vodcore.purge import Purge
 from vodcore.sendfile import StaleStat, abort, open_for_range, send_file_range
 from vodcore.server import base_app, media_segments
 from vodcore.store import ObjectInfo, ObjectNotFound, ObjectStore
@@ -36,6 +54,37 @@ from vodcore.store.factory import close_store, make_store
 TIER = "origin"
 log = logging.getLogger("vod.origin")
 STORE_KEY: web.AppKey[ObjectStore] = web.AppKey("store", ObjectStore)
+
+
+class Guard:
+    """The origin's side of takedowns: the purge feed it follows and what it refuses."""
+
+    def __init__(self, feed: PurgeFeed | None = None) -> None:
+        self.takedowns = Takedowns()
+        self.feed = feed
+        self._warned = False
+
+    def apply(self, p: Purge) -> None:
+        if self.takedowns.apply(p):
+            log.info("purge log seq %d: %s %s", p.seq, p.action, ",".join(p.targets))
+
+    def check(self, vid: str) -> None:
+        """Raise the refusal for a taken-down video; fail open while the log is replayed."""
+        refusal = self.takedowns.refusal(vid)
+        if refusal == "blocked":
+            raise ApiError(BLOCKED, extra={"state": "BLOCKED"})
+        if refusal == "deleted":
+            raise ApiError(GONE, "the video was deleted", extra={"state": "DELETED"})
+        if self.feed is not None and not self.feed.caught_up and not self._warned:
+            self._warned = True
+            log.warning(
+                "serving before the purge log has been replayed (applied up to seq %d): "
+                "takedowns are not enforced by the origin yet",
+                self.feed.applied,
+            )
+
+
+GUARD_KEY: web.AppKey[Guard] = web.AppKey("guard", Guard)
 
 
 def object_key(raw_path: str) -> tuple[str, str, list[str]]:
@@ -58,6 +107,7 @@ def _headers(info: ObjectInfo, vid: str, rest: list[str]) -> dict[str, str]:
 async def serve_media(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE_KEY]
     key, vid, rest = object_key(request.raw_path)
+    request.app[GUARD_KEY].check(vid)
     path = store.local_path(key)
     # A file replaced between stat and open would pair new bytes with old validators; retry
     # the (cheap) stat when that happens. Objects are immutable, so this is a rare race.
@@ -157,11 +207,35 @@ async def _stream(
     return resp
 
 
-def make_app(settings: Settings, store: ObjectStore | None = None) -> web.Application:
+def make_app(
+    settings: Settings, store: ObjectStore | None = None, *, control_url: str | None = None
+) -> web.Application:
     """The origin's aiohttp app over `store`, by default `make_store(settings)` (filesystem
-    under `settings.store_dir`, or S3 when `settings.s3_bucket` is set), closed on cleanup."""
+    under `settings.store_dir`, or S3 when `settings.s3_bucket` is set), closed on cleanup.
+    With `control_url` it follows the purge log and refuses taken-down videos."""
     app = base_app(TIER)
     app[STORE_KEY] = store if store is not None else make_store(settings)
+    guard = app[GUARD_KEY] = Guard()
+    if control_url:
+        node = f"{TIER}@{settings.host}:{settings.port(TIER)}/{os.getpid()}"
+
+        async def apply(p: Purge) -> None:
+            guard.apply(p)
+
+        feed = guard.feed = PurgeFeed(
+            control_url, node, TIER, apply, state_path=None, ack_filter=is_takedown_entry
+        )
+
+        async def follow(_app: web.Application) -> AsyncIterator[None]:
+            session = aiohttp.ClientSession()
+            await feed.start(session)
+            caught_up = asyncio.create_task(_announce(guard, feed))
+            yield
+            caught_up.cancel()
+            await feed.close()
+            await session.close()
+
+        app.cleanup_ctx.append(follow)
 
     async def close(app: web.Application) -> None:
         await close_store(app[STORE_KEY])
@@ -171,3 +245,12 @@ def make_app(settings: Settings, store: ObjectStore | None = None) -> web.Applic
     # router decoding step can turn %2f or %2e%2e into something else first. HEAD is implied.
     app.router.add_get("/{tail:.*}", serve_media)
     return app
+
+
+async def _announce(guard: Guard, feed: PurgeFeed) -> None:
+    await feed.wait_caught_up()
+    counts = guard.takedowns.counts()
+    log.info(
+        "purge log replayed up to seq %d: refusing %d blocked and %d deleted video(s)",
+        feed.applied, counts["blocked"], counts["deleted"],
+    )  # fmt: skip

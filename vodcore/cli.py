@@ -49,7 +49,7 @@ def cmd_tier(args: argparse.Namespace) -> int:
     if tier == "origin":
         from origin.app import make_app as origin_app
 
-        app = origin_app(s)
+        app = origin_app(s, control_url=args.control)
     elif tier == "shield":
         from shield.app import make_app as shield_app
 
@@ -126,7 +126,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     }
     plan: list[tuple[str, list[str]]] = [
         ("control", [*base, "control", *common]),
-        ("origin", [*base, "origin", *common]),
+        ("origin", [*base, "origin", *common, "--control", s.url("control")]),
         (
             "shield",
             [
@@ -265,8 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--upstream", help="upstream URL[,URL…] (edge → shields, shield → origin)"
             )
+        if tier in ("shield", "edge", "origin"):
             sp.add_argument(
-                "--control", help="control URL: the purge log (edges: also public signing keys)"
+                "--control",
+                help="control URL: the purge log (edges: also public signing keys; origin: "
+                "refuse blocked and deleted videos)",
             )
         if tier == "edge":
             sp.add_argument(

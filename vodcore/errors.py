@@ -39,6 +39,7 @@ METHOD_NOT_ALLOWED   = ErrorKind("method_not_allowed", 405, "method not allowed"
 NOT_READY            = ErrorKind("not_ready", 409, "the video is not ready for playback")
 OFFSET_MISMATCH      = ErrorKind("offset_mismatch", 409, "Upload-Offset is not the stored offset")
 UPLOAD_STATE         = ErrorKind("upload_state", 409, "the upload does not allow this now")
+VIDEO_STATE          = ErrorKind("video_state", 409, "the video's state does not allow this")
 GONE                 = ErrorKind("gone", 410, "the resource was deleted")
 PRECONDITION         = ErrorKind("precondition_failed", 412, "unsupported protocol version")
 TOO_LARGE            = ErrorKind("too_large", 413, "the body exceeds the declared or allowed size")

@@ -1,9 +1,11 @@
-"""Operator commands: `vod purge …` and `vod block|unblock ID`, with a propagation report.
+"""Operator commands: `vod purge …`, `vod block|unblock ID` and `vod delete|restore ID`, with a
+propagation report.
 
 They call control's API (`--api`, default http://127.0.0.1:8000 or $VOD_API) with an operator
-key (`--key` or $VOD_API_KEY). With `--wait`, they follow `GET /v1/purges/{id}` until every
-active edge and shield has applied the purge (or `--timeout`), then print which nodes applied it
-and how long after the purge was created.
+key (`--key` or $VOD_API_KEY). `vod purge --wait` and the takedown commands (unless
+`--no-wait`) follow `GET /v1/purges/{id}` until every active node following the log (edges,
+shields, origins) has applied the log entry (or `--timeout`), then print which nodes applied it
+and how long after the entry was created.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def report(api: str, purge_id: str, timeout: float) -> int:
         print(f"complete on {len(nodes)} node(s) in {slowest * 1000:.0f} ms")
         return 0
     if not nodes:
-        print("no edge or shield is connected to control's purge stream")
+        print("no edge, shield or origin is connected to control's purge stream")
     return _fail(f"purge {purge_id} not complete after {timeout:g} s")
 
 
@@ -78,24 +80,39 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return report(api, doc["purgeId"], args.timeout) if args.wait else 0
 
 
-def cmd_block(args: argparse.Namespace) -> int:
+WHAT = {
+    "block": "caches purged, older tokens voided and the origin refusing (451) by",
+    "unblock": "the origin serving again (older tokens stay void) by",
+    "delete": "caches purged, older tokens voided and the origin refusing (410) by",
+    "restore": "the origin serving again (older tokens stay void) by",
+}
+
+
+def cmd_takedown(args: argparse.Namespace) -> int:
+    """block, unblock, delete, restore: one call, then the propagation report."""
     auth = _auth(args)
     if auth is None:
         return _fail("an operator API key is needed: --key or $VOD_API_KEY", 2)
     api = args.api.rstrip("/")
-    action = "block" if args.command == "block" else "unblock"
-    body = {"reason": args.reason} if action == "block" else {}
-    r = requests.post(f"{api}/v1/videos/{args.video_id}/{action}", json=body, headers=auth,
-                      timeout=30)  # fmt: skip
+    action = args.command
+    reason = getattr(args, "reason", None)
+    body = {"reason": reason} if reason else {}
+    url = f"{api}/v1/videos/{args.video_id}"
+    if action == "delete":
+        r = requests.delete(url, json=body, headers=auth, timeout=300)
+    else:
+        r = requests.post(f"{url}/{action}", json=body, headers=auth, timeout=300)
     if r.status_code != 200:
         return _fail(f"{action} refused: {api_error(r)}")
     doc = r.json()
     print(f"{doc['videoId']} is {doc['state']}")
-    if action == "block":
-        print(f"caches purged and older tokens voided by purge {doc['purgeId']}")
-        if not args.no_wait:
-            return report(api, doc["purgeId"], args.timeout)
-    return 0
+    if "objectsMoved" in doc:
+        where = "to the restricted prefix" if action == "delete" else "back to media/"
+        print(f"{doc['objectsMoved']} object(s) moved {where}")
+    print(f"{WHAT[action]} log entry {doc['purgeId']} (seq {doc['seq']})")
+    if args.no_wait:
+        return 0
+    return report(api, doc["purgeId"], args.timeout)
 
 
 def add_operator_parsers(sub: Any) -> None:
@@ -117,14 +134,18 @@ def add_operator_parsers(sub: Any) -> None:
     common(p)
     p.set_defaults(func=cmd_purge)
 
-    b = sub.add_parser("block", help="take a video down: refuse playback, purge, void tokens")
-    b.add_argument("video_id")
-    b.add_argument("--reason", required=True, help="why (recorded with who and when)")
-    b.add_argument("--no-wait", action="store_true", help="do not wait for the report")
-    common(b)
-    b.set_defaults(func=cmd_block)
-
-    u = sub.add_parser("unblock", help="restore a blocked video (new tokens only)")
-    u.add_argument("video_id")
-    common(u)
-    u.set_defaults(func=cmd_block, no_wait=True)
+    for name, help_, reason in (
+        ("block", "take a video down (451): refuse playback, purge, void tokens", "required"),
+        ("unblock", "lift a block (new tokens only)", None),
+        ("delete", "delete a video (410): like block, and move its media to a restricted "
+                   "prefix (restorable; the source is kept)", "required"),
+        ("restore", "undo a delete: media moved back, the state before the delete", "optional"),
+    ):  # fmt: skip
+        t = sub.add_parser(name, help=help_)
+        t.add_argument("video_id")
+        if reason:
+            t.add_argument("--reason", required=reason == "required",
+                           help="why (recorded with who and when)")  # fmt: skip
+        t.add_argument("--no-wait", action="store_true", help="do not wait for the report")
+        common(t)
+        t.set_defaults(func=cmd_takedown)

@@ -9,6 +9,17 @@ Rules:
   space-separated Surrogate-Key list names one of the keys; a prefix purge covers keys that
   start with it;
 - `soft: true` marks the objects stale (the next use revalidates) instead of dropping them.
+
+Actions (what else a log entry means, besides the objects it covers):
+- `purge` (the default): only the objects;
+- `block` and `delete` (takedowns; kind `video` and a `cutoff` required): the videos' objects
+  are dropped and their tokens issued before `cutoff` are void at every edge;
+- `unblock` and `restore` (kind `video`, no cutoff): the takedown is lifted; caches drop nothing
+  (`drops_objects` is False, `covers` is always False) and tokens issued before the cutoff stay
+  void. The origin, which follows the log too, stops refusing the videos' objects;
+- `keys` (kind `none`): the signing key set changed, edges refetch it.
+An action this code does not know is malformed (`from_json` raises), so a node too old for a
+log makes it resynchronise rather than skip a takedown: upgrade nodes before control.
 """
 
 from __future__ import annotations
@@ -20,6 +31,9 @@ from typing import Any
 from vodcore.errors import VALIDATION, ApiError
 
 KINDS = ("video", "keys", "prefix", "all", "none")  # none: a log entry that purges nothing
+TAKEDOWNS = ("block", "delete")  # void older tokens (cutoff), drop the objects
+LIFTS = ("unblock", "restore")  # lift a takedown: nothing dropped, no cutoff
+ACTIONS = ("purge", "keys", *TAKEDOWNS, *LIFTS)
 _ID = re.compile(r"^[A-Za-z0-9_~.-]{1,80}$")
 MAX_TARGETS = 100
 
@@ -31,10 +45,16 @@ class Purge:
     kind: str
     targets: tuple[str, ...]
     soft: bool = False
-    # "block": also void the videos' tokens issued before `cutoff`; "keys": the signing key set
-    # changed (rotation, revocation), edges refetch it
+    # "block"/"delete": also void the videos' tokens issued before `cutoff`; "unblock"/
+    # "restore": the takedown is lifted (nothing dropped); "keys": the signing key set changed
+    # (rotation, revocation), edges refetch it
     action: str = "purge"
     cutoff: float | None = None
+
+    @property
+    def drops_objects(self) -> bool:
+        """False for entries that lift a takedown: caches keep everything."""
+        return self.action not in LIFTS
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -64,14 +84,20 @@ class Purge:
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise ValueError("bad targets")
         action, cutoff = doc.get("action", "purge"), doc.get("cutoff")
-        if action not in ("purge", "block", "keys") or (
-            action == "block" and (kind != "video" or not isinstance(cutoff, int | float))
+        if (
+            action not in ACTIONS
+            or (action in TAKEDOWNS and (kind != "video" or not _number(cutoff)))
+            or (action in LIFTS and (kind != "video" or cutoff is not None))
         ):
             raise ValueError("bad action or cutoff")
         return cls(
             seq, pid, kind, tuple(targets), bool(doc.get("soft", False)), action,
             float(cutoff) if cutoff is not None else None,
         )  # fmt: skip
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def parse_request(doc: Any) -> tuple[str, tuple[str, ...], bool]:
@@ -104,6 +130,8 @@ def parse_request(doc: Any) -> tuple[str, tuple[str, ...], bool]:
 
 def covers(purge: Purge, key: str, surrogate_keys: str | None) -> bool:
     """Does `purge` cover the cached object stored under `key` with this Surrogate-Key?"""
+    if not purge.drops_objects:
+        return False
     if purge.kind == "all":
         return True
     if purge.kind == "none":

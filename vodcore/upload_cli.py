@@ -168,7 +168,12 @@ def _wait(api: str, video_id: str, timeout: float, *, quiet: bool) -> int:
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
     ) as bar:
         while time.monotonic() < deadline:
-            v = requests.get(f"{api}/v1/videos/{video_id}", timeout=30).json()
+            r = requests.get(f"{api}/v1/videos/{video_id}", timeout=30)
+            if r.status_code in (404, 410, 451):  # unknown or taken down: it will not be READY
+                bar.close()
+                print(f"vod upload: {api_error(r)}", file=sys.stderr)
+                return 1
+            v = r.json()
             state = v.get("state")
             progress = float(v.get("progress") or 0)
             bar.n = min(100.0, progress)

@@ -215,6 +215,39 @@ async def test_missing_objects(case: Case) -> None:
     await case.store.delete("media/v1/nope.m4s")
 
 
+async def test_move(case: Case) -> None:
+    """Takedowns move a video's objects to a restricted prefix and back: same bytes, the
+    source key gone, the destination replaced if it was there (a re-run after a crash)."""
+    store = case.store
+    data = os.urandom(200_000)
+    await store.put_bytes("media/v1/1/seg-1.m4s", data)
+    await store.put_bytes("media/v1/1/master.m3u8", b"#EXTM3U\n")
+    before = await store.stat("media/v1/1/seg-1.m4s")
+    await store.move("media/v1/1/seg-1.m4s", "restricted/media/v1/1/seg-1.m4s")
+    assert not await store.exists("media/v1/1/seg-1.m4s")
+    assert await read_all(store, "restricted/media/v1/1/seg-1.m4s") == data
+    assert await store.list("media/v1/") == ["media/v1/1/master.m3u8"]
+    assert await store.list("restricted/media/v1/") == ["restricted/media/v1/1/seg-1.m4s"]
+    # and back: on the filesystem it is a rename, so even the validator survives
+    await store.move("restricted/media/v1/1/seg-1.m4s", "media/v1/1/seg-1.m4s")
+    after = await store.stat("media/v1/1/seg-1.m4s")
+    assert await read_all(store, "media/v1/1/seg-1.m4s") == data
+    assert after.size == before.size
+    if not isinstance(store, S3Store):
+        assert after.etag == before.etag
+    assert await store.list("restricted/") == []
+    # a destination already there (a copy a crash left behind) is replaced
+    await store.put_bytes("restricted/media/v1/1/master.m3u8", b"#EXTM3U\n")
+    await store.move("media/v1/1/master.m3u8", "restricted/media/v1/1/master.m3u8")
+    assert await store.list("media/v1/") == ["media/v1/1/seg-1.m4s"]
+    with pytest.raises(ObjectNotFound):
+        await store.move("media/v1/1/master.m3u8", "restricted/media/v1/1/master.m3u8")
+    with pytest.raises(BadPath):
+        await store.move("media/v1/1/seg-1.m4s", "../outside")
+    assert await store.exists("media/v1/1/seg-1.m4s")  # a refused move moves nothing
+    assert case.leftovers() == []
+
+
 BAD_KEYS = ["../etc/passwd", "media/../../x", "/abs", "a//b", "a\\b", "a\x00b", ".", "media/v1/"]
 
 

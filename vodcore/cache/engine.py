@@ -927,9 +927,13 @@ class CacheEngine:
 
     async def apply_purge(self, purge: Purge) -> int:
         """Drop (or, soft, mark stale) every stored object `purge` covers, and fence off fills
-        in flight for them so none stores pre-purge bytes afterwards. Returns how many."""
+        in flight for them so none stores pre-purge bytes afterwards. Returns how many.
+        An entry that lifts a takedown (`unblock`, `restore`) runs the hooks and drops
+        nothing."""
         for hook in self.purge_hooks:
             hook(purge)
+        if not purge.drops_objects:
+            return 0
         for vkey, job in list(self._fills.items()):
             head = job.fill._head
             sk = None

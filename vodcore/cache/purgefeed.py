@@ -9,7 +9,11 @@ Rules:
   ignored; garbage, or a seq that skips ahead, makes the node drop the connection and
   resynchronise from what it applied. A gap that is still there right after a resync is real
   (the log has no row there, e.g. a rolled-back insert) and is accepted;
-- every applied purge is acknowledged to control, which reports completeness;
+- every applied purge is acknowledged to control, which reports completeness (a node may
+  acknowledge only the purges that concern it, `ack_filter`: each batch then still carries the
+  highest seq applied, so control sees it advance);
+- control marks the end of the backlog with a `live` event; from the first one on, `caught_up`
+  is True: everything logged before the node connected has been applied;
 - reconnects back off from 0.2 s to 5 s.
 """
 
@@ -47,6 +51,8 @@ class PurgeFeed:
         tier: str,
         apply: Callable[[Purge], Awaitable[object]],
         state_path: Path | None = None,
+        *,
+        ack_filter: Callable[[Purge], bool] | None = None,
     ) -> None:
         self.control = control_url.rstrip("/")
         self.node_id = node_id
@@ -55,6 +61,10 @@ class PurgeFeed:
         self.state_path = state_path
         self.applied = self._load()
         self.connected = False
+        self.caught_up = False  # the whole backlog applied at least once (see `live`)
+        self._live = asyncio.Event()
+        self.ack_filter = ack_filter
+        self._acked = 0  # the highest seq control has acknowledged
         self._accept_gap_at: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -93,6 +103,16 @@ class PurgeFeed:
             return False
         return True
 
+    async def wait_caught_up(self, within: float | None = None) -> bool:
+        """Wait until the backlog has been applied (the first `live` event); False if not
+        within `within` seconds (None: no limit)."""
+        try:
+            async with asyncio.timeout(within):
+                await self._live.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
         self._task = asyncio.create_task(self._run(session))
@@ -102,12 +122,17 @@ class PurgeFeed:
         while True:
             await self._ack_wake.wait()
             self._ack_wake.clear()
-            seqs, self._unacked = self._unacked, []
+            picked, self._unacked = self._unacked, []
+            top = self.applied  # filtered-out purges are acknowledged by the highest seq
+            behind = top > self._acked and (not picked or picked[-1] < top)
+            seqs = [*picked, top] if behind else picked
             if not seqs:
                 continue
             await asyncio.to_thread(self._save)
-            if not await self._ack(seqs):
-                self._unacked[:0] = seqs  # control unreachable: keep them for the next try
+            if await self._ack(seqs):
+                self._acked = max(self._acked, seqs[-1])
+            else:
+                self._unacked[:0] = picked  # control unreachable: keep them for the next try
                 await asyncio.sleep(0.5)
                 self._ack_wake.set()
 
@@ -152,6 +177,9 @@ class PurgeFeed:
                     if event == "purge":
                         await self._dispatch(data, first)
                         first = False
+                    elif event == "live":
+                        self.caught_up = True
+                        self._live.set()
                     event, data = "", []
                 elif line.startswith(":"):
                     continue  # a comment: keep-alive
@@ -183,7 +211,8 @@ class PurgeFeed:
         self._advanced = asyncio.Event()
         # Acknowledged (and the applied seq saved) in batches by `_ack_loop`: one request in
         # flight per node, carrying every purge applied since the last one.
-        self._unacked.append(purge.seq)
+        if self.ack_filter is None or self.ack_filter(purge):
+            self._unacked.append(purge.seq)
         self._ack_wake.set()
 
     async def _ack(self, seqs: list[int]) -> bool:

@@ -142,7 +142,7 @@ moderation = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("video_id", String(40), nullable=False, index=True),
-    Column("action", String(16), nullable=False),  # block | unblock
+    Column("action", String(16), nullable=False),  # block | unblock | delete | restore
     Column("reason", Text, nullable=True),
     Column("actor", String(40), nullable=True),
     Column("previous_state", String(16), nullable=False),

@@ -135,3 +135,16 @@ class FilesystemStore:
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(lambda: self._path(key).unlink(missing_ok=True))
+
+    def _move_sync(self, src_key: str, dst_key: str) -> None:
+        src, dst = self._path(src_key), self._path(dst_key)
+        if not src.is_file():
+            raise ObjectNotFound(src_key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src, dst)  # one rename: atomic; inode, mtime and so the ETag are kept
+        except FileNotFoundError:
+            raise ObjectNotFound(src_key) from None
+
+    async def move(self, src_key: str, dst_key: str) -> None:
+        await asyncio.to_thread(self._move_sync, src_key, dst_key)

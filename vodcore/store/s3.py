@@ -18,6 +18,9 @@ Mapping to the `ObjectStore` contract:
   `CompleteMultipartUpload` succeeds. Files above `MULTIPART_THRESHOLD` go up in parts
   (`PART_SIZE`, S3's minimum part is 5 MiB) and a failed upload is aborted, so no parts are
   left behind to be billed.
+- `move` is CopyObject (server side, no bytes through this process) then DeleteObject. S3 has no
+  rename: a crash between the two leaves the object under both keys, and moving it again
+  finishes the job. CopyObject takes objects up to 5 GiB, far above any segment or manifest.
 """
 
 from __future__ import annotations
@@ -252,3 +255,16 @@ class S3Store:
     async def delete(self, key: str) -> None:
         client = await self._c()
         await client.delete_object(Bucket=self.bucket, Key=self._k(key))
+
+    async def move(self, src_key: str, dst_key: str) -> None:
+        src, dst = self._k(src_key), self._k(dst_key)
+        client = await self._c()
+        try:
+            await client.copy_object(
+                Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}
+            )
+        except ClientError as e:
+            if _code(e) in _NOT_FOUND:
+                raise ObjectNotFound(src_key) from None
+            raise
+        await client.delete_object(Bucket=self.bucket, Key=src)
