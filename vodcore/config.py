@@ -67,6 +67,9 @@ class Settings:
     upload_part_bytes: int = 8 * 1024 * 1024
     upload_ttl_seconds: int = 24 * 3600
     upstream_timeout_seconds: float = 30.0
+    # A cache that has not heard from control's purge stream for this long (3 missed pings)
+    # revalidates what it stores instead of serving it blindly.
+    purge_blind_seconds: float = 30.0
     # Object store: the filesystem under data_dir unless an S3 bucket is named.
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None  # MinIO, Ceph, R2, moto; default AWS
@@ -146,6 +149,7 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         "upload_part_bytes",
         "upload_ttl_seconds",
         "upstream_timeout_seconds",
+        "purge_blind_seconds",
     ):
         if key in doc:
             changes[key] = doc[key]

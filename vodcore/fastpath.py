@@ -164,6 +164,9 @@ class FastPath:
         age = policy.current_age(entry.age, now)
         if not policy.is_fresh(entry.lifetime, age):
             return False
+        feed = self.engine.feed
+        if feed is not None and not feed.trusts(entry.stored_at, time.monotonic()):
+            return False  # out of touch with the purge log: the engine revalidates
         self.engine.storage.get(key)  # count the access (recency/frequency), as a hit does
         second = int(now)
         if second != self._date_second:

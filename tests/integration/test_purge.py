@@ -43,11 +43,22 @@ class World:
     tmp: Path
     runners: list[web.AppRunner]
 
-    async def edge(self, name: str = "e") -> tuple[str, web.Application, web.AppRunner]:
-        settings = Settings(data_dir=self.tmp / name, upstream_timeout_seconds=3)
+    async def edge(
+        self, name: str = "e", blind: float = 30.0, wait: bool = True
+    ) -> tuple[str, web.Application, web.AppRunner]:
+        settings = Settings(
+            data_dir=self.tmp / name, upstream_timeout_seconds=3, purge_blind_seconds=blind
+        )
         app = edge_app(settings, [self.upstream.url], tokens=False, control_url=self.control)
         runner = await start_server(app, "127.0.0.1", 0, access_log=False)
         self.runners.append(runner)
+        # until it has applied control's backlog the edge is blind (it revalidates everything)
+        feed = app[ENGINE_KEY].feed
+        assert feed is not None
+        for _ in range(500 if wait else 0):
+            if not feed.blind(time.monotonic()):
+                break
+            await asyncio.sleep(0.01)
         return f"http://127.0.0.1:{runner.addresses[0][1]}", app, runner
 
 
@@ -192,7 +203,7 @@ async def test_a_node_that_was_down_replays_what_it_missed(world: World) -> None
     world.runners.remove(runner)
     r = await purge(world, {"videoId": VID})
     pid = (await r.json())["purgeId"]
-    url, app, _r = await world.edge("down")  # back, same data dir
+    url, app, _r = await world.edge("down", wait=False)  # back, same data dir
     feed = app[ENGINE_KEY].feed
     assert feed is not None and feed.applied == applied  # remembered across the restart
     for _ in range(300):
@@ -427,3 +438,30 @@ async def test_key_rotation_without_downtime_and_revocation_everywhere(world: Wo
                 f"{world.control}/v1/keys/{kid}", headers={"Authorization": f"Bearer {key}"}
             ) as r:
                 assert r.status == want
+
+
+async def test_an_edge_out_of_touch_with_control_revalidates_instead_of_serving_blindly(
+    world: World,
+) -> None:
+    async def conditional(request: web.Request) -> web.StreamResponse:
+        hdrs = {"Cache-Control": "public, max-age=3600", "ETag": '"v1"', "Surrogate-Key": VID}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=hdrs)
+        return web.Response(body=b"blind", headers=hdrs)
+
+    path = f"/v/{VID}/1/blind.m4s"
+    world.upstream.routes[path] = conditional
+    url, app, _r = await world.edge("blind", blind=0.6)
+    await wait_node(world, url)
+    assert (await fetch(url + path))[1] == "edge=MISS"
+    assert (await fetch(url + path))[1] == "edge=HIT"  # in touch: served from the cache
+    control = world.runners.pop(0)
+    await control.cleanup()  # control goes away; the edge cannot hear of purges any more
+    await asyncio.sleep(1.0)
+    assert app[ENGINE_KEY].feed.blind(time.monotonic())  # type: ignore[union-attr]
+    before = world.upstream.hits[path]
+    for _ in range(2):  # every request asks upstream (here: 304), none is answered blindly
+        status_, x_cache = await fetch(url + path)
+        assert (status_, x_cache) == (200, "edge=REVALIDATED")
+    assert world.upstream.hits[path] == before + 2
+    assert world.upstream.seen[-1][1].get("If-None-Match") == '"v1"'

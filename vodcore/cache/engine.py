@@ -314,6 +314,7 @@ class CacheEngine:
                 self._count("pass")
                 return await self._pass_through(request, upstream_path, key)
 
+        feed = self.feed
         own = False  # True: this request must fetch for itself (an unshareable response)
         for _ in range(3):
             fields = self._vary.get(key, ())
@@ -324,7 +325,14 @@ class CacheEngine:
                 body_file = await self._open_body(vkey, entry)
                 if body_file is None:
                     entry = None  # evicted between lookup and open: a miss
-            if entry is not None:
+            # Out of touch with the purge log: what is stored may have been purged meanwhile,
+            # so it is not served without asking upstream (a 304 makes it fresh and serves it).
+            blind = (
+                entry is not None
+                and feed is not None
+                and not feed.trusts(entry.stored_at, time.monotonic())
+            )
+            if entry is not None and not blind:
                 age = policy.current_age(entry.age, now)
                 if policy.is_fresh(entry.lifetime, age):
                     self._count("hit")
@@ -341,6 +349,8 @@ class CacheEngine:
                     )
                 if body_file is not None:
                     body_file.close()  # revalidating: a 304 reopens it, a 200 replaces it
+            elif body_file is not None:
+                body_file.close()  # blind: revalidating
             job = (
                 self._start_private(key, upstream_path, req, entry)
                 if own

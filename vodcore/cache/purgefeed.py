@@ -14,7 +14,13 @@ Rules:
   highest seq applied, so control sees it advance);
 - control marks the end of the backlog with a `live` event; from the first one on, `caught_up`
   is True: everything logged before the node connected has been applied;
-- reconnects back off from 0.2 s to 5 s.
+- reconnects back off from 0.2 s to 5 s;
+- a node that has not heard from control (a purge, a `live` or a keep-alive ping) for longer
+  than `blind_after` seconds is *blind*: it cannot know what was purged meanwhile, so its
+  cache revalidates every stored response with the upstream instead of serving it blindly
+  (`CacheEngine.serve`, and the fast path steps aside) until the stream is back (`trusts`).
+  Before it has caught up once since it started, it trusts only what it stored since then:
+  objects kept on disk from a previous run wait for the replay of the purges they missed.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -51,6 +58,7 @@ class PurgeFeed:
         tier: str,
         apply: Callable[[Purge], Awaitable[object]],
         state_path: Path | None = None,
+        blind_after: float = 30.0,
         *,
         ack_filter: Callable[[Purge], bool] | None = None,
     ) -> None:
@@ -61,6 +69,9 @@ class PurgeFeed:
         self.state_path = state_path
         self.applied = self._load()
         self.connected = False
+        self.blind_after = blind_after
+        self.heard: float | None = None  # monotonic time of the last line from the stream
+        self.started_at = time.time()  # wall clock, comparable with a stored response's time
         self.caught_up = False  # the whole backlog applied at least once (see `live`)
         self._live = asyncio.Event()
         self.ack_filter = ack_filter
@@ -91,6 +102,19 @@ class PurgeFeed:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(str(self.applied))
         os.replace(tmp, self.state_path)
+
+    def blind(self, now: float) -> bool:
+        """True while this node cannot know what was purged lately (`now`: monotonic)."""
+        heard = self.heard
+        return heard is None or now - heard > self.blind_after
+
+    def trusts(self, stored_at: float, now: float) -> bool:
+        """May a response stored at `stored_at` (wall clock) be served without asking
+        upstream? `now` is monotonic. See the module rules."""
+        heard = self.heard
+        if heard is None:
+            return stored_at >= self.started_at
+        return now - heard <= self.blind_after
 
     async def wait_for(self, seq: int, within: float) -> bool:
         """Wait (woken by each applied purge, never polling) until `seq` is applied; False if
@@ -171,13 +195,17 @@ class PurgeFeed:
             self.connected = True
             first = True
             event, data = "", cast(list[str], [])
+            live_here = False  # this connection's backlog is not applied yet: still blind
             async for raw in resp.content:
+                if live_here:
+                    self.heard = time.monotonic()
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if line == "":  # end of an event (text/event-stream)
                     if event == "purge":
                         await self._dispatch(data, first)
                         first = False
                     elif event == "live":
+                        live_here, self.heard = True, time.monotonic()
                         self.caught_up = True
                         self._live.set()
                     event, data = "", []
@@ -235,4 +263,5 @@ def follow_purges(engine: CacheEngine, settings: Settings, tier: str, control_ur
     process (SO_REUSEPORT siblings are separate caches), the applied seq lives per process."""
     node = f"{tier}@{settings.host}:{settings.port(tier)}/{os.getpid()}"
     state = settings.data_dir / "cache" / f"{tier}-{settings.port(tier)}.purge-seq"
-    engine.follow_purges(control_url, node, state)
+    feed = engine.follow_purges(control_url, node, state)
+    feed.blind_after = settings.purge_blind_seconds
