@@ -2,8 +2,8 @@
 
     transcode (probe, limits)
       ├─ encode v      (quick: the lowest rung only, a fast preset) ─▶ publish v
-      ├─ thumbnails v+1 ─┐
-      └─ encode v+1  ────┴─▶ publish v+1 ─▶ quality v+1
+      ├─ encode v+1  ─▶ publish v+1 ─▶ quality v+1
+      └─ thumbnails v+1 (poster, sprites, WebVTT; attached to the video when done)
 
     a long source's full ladder instead (above `chunk_min_seconds`):
       chunk v+1 #0 … #n-1 ─┐
@@ -25,6 +25,11 @@ Rules:
   a publish of an older version never moves `current_version` back;
 - the quality report (VMAF) hangs off the full publish: it never delays playback, and its
   failure leaves the video READY;
+- thumbnails run beside the encodes (in parallel when a slot is free) but no publish waits
+  for them: seek-bar previews are an extra, and on one slot they would delay the full ladder
+  by a decode of the source. They are enqueued after the encodes (so one slot runs them
+  last) and attach themselves to the video when done; the version's poster comes with its
+  encode, so every published version has one;
 - long sources (`transcoder.chunks`): the full ladder's video is encoded as segment-aligned
   chunks, one job (`part`) each, so several workers encode one video; the audio is encoded
   once by its own job; `join` waits for all of them and lays the pieces out as one encode
@@ -102,13 +107,14 @@ def plan_pipeline(
             v,
             {**common, "final": True},
             f"{QUALITY}@{v}" if quality else None,
-            waiting=2,
+            waiting=1,
         )
     )
-    out.append(Stage(f"{THUMBNAILS}@{v}", THUMBNAILS, v, common, full_publish))
+    thumbnails = Stage(f"{THUMBNAILS}@{v}", THUMBNAILS, v, common)
     if not chunks:
         full = {**common, "quick": False, "first": not quick}
         out.append(Stage(f"{ENCODE}@{v}", ENCODE, v, full, full_publish))
+        out.append(thumbnails)
         return out
     join = f"{JOIN}@{v}"
     out.append(
@@ -119,6 +125,7 @@ def plan_pipeline(
         out.append(Stage(f"{CHUNK}@{v}#{k}", CHUNK, v, {**common, "chunk": c}, join, part=k))
     if audio:
         out.append(Stage(f"{AUDIO}@{v}", AUDIO, v, common, join))
+    out.append(thumbnails)
     return out
 
 

@@ -451,18 +451,28 @@ async def thumbnails_stage(ctx: Ctx, job: jobq.Job, progress: Progress, workdir:
     for name in thumbs.files:
         if name != POSTER:  # the encode writes the version's poster (publish checks it)
             await ctx.store.put_file(prefix + name, outdir / name, move=True)
-    return Done(
-        {
-            "vtt": thumbs.vtt,
-            "sheets": list(thumbs.sheets),
-            "interval": thumbs.interval,
-            "thumbWidth": thumbs.thumb_width,
-            "thumbHeight": thumbs.thumb_height,
-            "cols": thumbs.cols,
-            "rows": thumbs.rows,
-            "count": thumbs.thumbs,
-        }
-    )
+    summary = {
+        "version": job.version,
+        "vtt": thumbs.vtt,
+        "sheets": list(thumbs.sheets),
+        "interval": thumbs.interval,
+        "thumbWidth": thumbs.thumb_width,
+        "thumbHeight": thumbs.thumb_height,
+        "cols": thumbs.cols,
+        "rows": thumbs.rows,
+        "count": thumbs.thumbs,
+    }
+
+    async def apply(conn: AsyncConnection, now: float) -> None:
+        # attach to the video unless newer thumbnails are there already
+        video = await get_video(conn, job.video_id)
+        current = (video["thumbnails"] if video is not None else None) or {}
+        if int(current.get("version", 0)) <= job.version:
+            await conn.execute(
+                update(videos).where(videos.c.id == job.video_id).values(thumbnails=summary)
+            )
+
+    return Done(summary, apply)
 
 
 async def publish_stage(ctx: Ctx, job: jobq.Job, progress: Progress, workdir: Path) -> Done:
@@ -474,11 +484,6 @@ async def publish_stage(ctx: Ctx, job: jobq.Job, progress: Progress, workdir: Pa
         raise PublishError(f"version {job.version} has no finished encode")
     prefix = version_prefix(job.video_id, job.version)
     missing = await missing_keys(ctx.store, prefix)
-    thumbs = parents.get(pl.THUMBNAILS) or {}
-    if thumbs.get("vtt"):
-        for name in [thumbs["vtt"], *thumbs.get("sheets", [])]:
-            if not await ctx.store.exists(prefix + name):
-                missing.append(prefix + name)
     if missing:
         shown = ", ".join(missing[:5])
         raise PublishError(f"{len(missing)} referenced file(s) missing from the store: {shown}")
@@ -503,8 +508,6 @@ async def publish_stage(ctx: Ctx, job: jobq.Job, progress: Progress, workdir: Pa
         }
         if final:
             fields["progress"] = 100.0
-        if thumbs.get("vtt"):
-            fields["thumbnails"] = {"version": job.version, **thumbs}
         try:
             await transition(conn, job.video_id, Event.PUBLISHED, now, **fields)
         except IllegalTransition as e:  # blocked or deleted meanwhile: publish nothing

@@ -26,11 +26,12 @@ def test_quick_first_version_then_full_ladder_then_quality() -> None:
     stages = pl.plan_pipeline(1, 3, payload={"probe": {}})
     _check_dag(stages)
     assert [s.name for s in stages] == [
-        "publish@1", "encode@1", "quality@2", "publish@2", "thumbnails@2", "encode@2",
+        "publish@1", "encode@1", "quality@2", "publish@2", "encode@2", "thumbnails@2",
     ]  # fmt: skip
     e = _edges(stages)
     assert e["encode@1"] == ("publish@1", 0)
-    assert e["publish@2"] == ("quality@2", 2)
+    assert e["publish@2"] == ("quality@2", 1)  # waits for the encode only
+    assert e["thumbnails@2"] == (None, 0)  # attaches itself; nothing waits for it
     by = {s.name: s for s in stages}
     assert by["encode@1"].payload["quick"] and by["encode@1"].payload["first"]
     assert not by["encode@2"].payload["quick"] and not by["encode@2"].payload["first"]
@@ -41,8 +42,8 @@ def test_quick_first_version_then_full_ladder_then_quality() -> None:
 def test_a_single_rung_has_no_quick_version_and_reports_its_own_progress() -> None:
     stages = pl.plan_pipeline(4, 1, quality=False)
     _check_dag(stages)
-    assert [s.name for s in stages] == ["publish@4", "thumbnails@4", "encode@4"]
-    assert stages[-1].payload["first"] is True
+    assert [s.name for s in stages] == ["publish@4", "encode@4", "thumbnails@4"]
+    assert stages[1].payload["first"] is True
 
 
 def test_a_long_source_fans_out_into_chunks_and_one_audio_job() -> None:
@@ -51,6 +52,7 @@ def test_a_long_source_fans_out_into_chunks_and_one_audio_job() -> None:
     _check_dag(stages)
     e = _edges(stages)
     assert e["join@2"] == ("publish@2", 4)  # 3 chunks + the audio
+    assert e["publish@2"] == ("quality@2", 1)
     assert [s.part for s in stages if s.kind == pl.CHUNK] == [0, 1, 2]
     assert not any(s.kind == pl.ENCODE and s.version == 2 for s in stages)
     silent = pl.plan_pipeline(1, 2, chunks=chunks, audio=False, first_playable=False)
