@@ -54,6 +54,9 @@ def video_json(v: RowMapping) -> dict[str, Any]:
         "height": v["height"],
         "renditions": v["renditions"] or [],
         "progress": v["progress"],
+        # seek-bar sprites (a WebVTT thumbnail track; its URL comes with a playback token)
+        "thumbnails": v["thumbnails"],
+        "quality": v["quality"],  # VMAF per rung of the full ladder, when measured
         "sizeBytes": v["size_bytes"],
         "createdAt": iso(v["created_at"]),
         "readyAt": iso(v["ready_at"]),
@@ -62,12 +65,22 @@ def video_json(v: RowMapping) -> dict[str, Any]:
     }
 
 
-def playback_urls(edge: str, video_id: str, token: str, version: int) -> dict[str, str]:
+def playback_urls(
+    edge: str,
+    video_id: str,
+    token: str,
+    version: int,
+    thumbnails: dict[str, Any] | None = None,
+) -> dict[str, str | None]:
     base = f"{edge}/v/{video_id}/{token}/{version}"
+    vtt = None
+    if thumbnails and thumbnails.get("vtt") and thumbnails.get("version"):
+        vtt = f"{edge}/v/{video_id}/{token}/{int(thumbnails['version'])}/{thumbnails['vtt']}"
     return {
         "manifestUrl": f"{base}/master.m3u8",
         "dashUrl": f"{base}/manifest.mpd",
         "thumbnailUrl": f"{base}/poster.jpg",
+        "thumbnailsVttUrl": vtt,  # seek-bar previews (WebVTT with #xywh= sprite tiles)
     }
 
 
@@ -144,7 +157,13 @@ class Videos:
         body = {
             "videoId": v["id"],
             "state": state.value,
-            **playback_urls(self.settings.edge_url, v["id"], token, int(v["current_version"])),
+            **playback_urls(
+                self.settings.edge_url,
+                v["id"],
+                token,
+                int(v["current_version"]),
+                v["thumbnails"],
+            ),
             "durationSeconds": v["duration_seconds"],
             "expiresAt": iso(now + ttl),
         }

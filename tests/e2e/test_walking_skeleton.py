@@ -171,9 +171,22 @@ def test_upload_transcode_and_play_through_every_tier(
     assert failed["state"] == "FAILED" and failed["failureReason"], failed
     assert "Traceback" not in failed["failureReason"]
 
+    # READY came with the quick first version; wait for the full ladder and its thumbnails
+    deadline = time.monotonic() + 120
+    while not (v["progress"] == 100 and v["version"] == 2 and v["thumbnails"]):
+        assert time.monotonic() < deadline, v
+        time.sleep(0.3)
+        v = requests.get(f"{s.control}/v1/videos/{up['videoId']}", timeout=10).json()
+    assert v["state"] == "READY" and len(v["renditions"]) == 2
     pb = requests.get(f"{s.control}/v1/videos/{up['videoId']}/playback", timeout=10)
     assert pb.status_code == 200, pb.text
     play = pb.json()
+    assert play["manifestUrl"].split("/")[6] == "2"  # the newest version
+    vtt = requests.get(play["thumbnailsVttUrl"], timeout=10)
+    assert vtt.status_code == 200 and vtt.text.startswith("WEBVTT"), vtt.text
+    sheet = next(ln for ln in vtt.text.splitlines() if "#xywh=" in ln).split("#", 1)[0]
+    sprite = requests.get(play["thumbnailsVttUrl"].rsplit("/", 1)[0] + "/" + sheet, timeout=10)
+    assert sprite.status_code == 200 and sprite.content[:2] == b"\xff\xd8"  # JPEG
     assert play["manifestUrl"].startswith(s.edge + f"/v/{up['videoId']}/")
     assert abs(_play(ffmpeg, play["manifestUrl"]) - 4) <= 0.5
     assert abs(_play(ffmpeg, play["dashUrl"]) - 4) <= 0.5
