@@ -5,6 +5,7 @@ store, lifecycle rules in `vodcore.lifecycle`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from control.negcache import NegativeCache
 from control.purges import Purges
 from control.signing import Signing
 from control.tus import TusEndpoint, upload_url
+from control.upload_expiry import run_expiry
 from control.uploads import Uploads
 from control.validation import decode_json, upload_request
 from control.videos import Videos
@@ -45,7 +47,11 @@ def make_app(settings: Settings) -> web.Application:
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await create_schema(engine)
         ready["db"] = True
+        stop = asyncio.Event()
+        expiry = asyncio.create_task(run_expiry(engine, settings, stop))  # abandoned uploads
         yield
+        stop.set()
+        await expiry
         await engine.dispose()
         await close_store(store)
 

@@ -1,21 +1,31 @@
-"""tus 1.0.0 endpoint at /v1/tus/: OPTIONS discovery, creation (+ creation-with-upload), HEAD
-and PATCH on an upload resource /v1/tus/{uploadSessionId}. Protocol checks are in
-`tus_protocol`; storage is `Uploads`. Every response, errors included, carries
-`Tus-Resumable` (tus §Tus-Resumable)."""
+"""tus 1.0.0 endpoint at /v1/tus/ (https://tus.io/protocols/resumable-upload): OPTIONS
+discovery (§6), creation by POST with `Upload-Length`/`Upload-Metadata` (§7.1) so stock clients
+(Uppy, tus-js-client, tuspy) need only the endpoint, creation-with-upload (§7.2), HEAD and PATCH
+on an upload resource /v1/tus/{uploadSessionId} (§6), `Upload-Checksum` per PATCH (§7.4),
+`Upload-Expires` (§7.3), and DELETE for termination (§7.5).
+
+Protocol checks are in `tus_protocol`, storage and its concurrency rules in `Uploads`. Every
+response, errors included, carries `Tus-Resumable` and `Cache-Control: no-store`; errors are the
+usual JSON `{error: {code, message}}`. Statuses: 400 malformed header or unsupported checksum
+algorithm, 403 another creator's upload, 404 unknown/terminated/cleaned-up upload, 409 offset
+mismatch or a PATCH racing another, 410 expired, 412 wrong `Tus-Resumable`, 413 too large,
+415 wrong PATCH `Content-Type`, 460 checksum mismatch.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from email.utils import formatdate
 
 from aiohttp import web
 
 from control import tus_protocol as tp
 from control.auth import authenticate
+from control.ids import is_id
 from control.uploads import Uploads
-from control.validation import UploadRequest
-from vodcore.errors import VALIDATION, ApiError
+from control.validation import upload_request
+from vodcore.errors import BAD_REQUEST, NOT_FOUND, VALIDATION, ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CHUNK = 256 * 1024
@@ -43,8 +53,11 @@ def upload_url(request: web.Request, session_id: str) -> str:
     return str(request.url.with_path(f"/v1/tus/{session_id}").with_query(None))
 
 
-def _expires_header(ts: float) -> str:
-    return formatdate(ts, usegmt=True)  # RFC 9110 §5.6.7 IMF-fixdate
+def _session_id(request: web.Request) -> str:
+    sid = request.match_info["sid"]
+    if not is_id(sid, "us"):
+        raise ApiError(NOT_FOUND, "no such upload session")
+    return sid
 
 
 class TusEndpoint:
@@ -58,15 +71,17 @@ class TusEndpoint:
         r.add_post("/v1/tus/", tus_handler(self.create))
         r.add_route("HEAD", "/v1/tus/{sid}", tus_handler(self.head))
         r.add_patch("/v1/tus/{sid}", tus_handler(self.patch))
+        r.add_delete("/v1/tus/{sid}", tus_handler(self.delete))
+        r.add_post("/v1/tus/{sid}", tus_handler(self.overridden))
 
     async def options(self, _request: web.Request) -> web.Response:
-        s = self.uploads.settings
         return web.Response(
             status=204,
             headers={
                 "Tus-Version": tp.TUS_VERSION,
                 "Tus-Extension": tp.TUS_EXTENSIONS,
-                "Tus-Max-Size": str(s.max_upload_bytes),
+                "Tus-Max-Size": str(self.uploads.settings.max_upload_bytes),
+                "Tus-Checksum-Algorithm": ",".join(tp.CHECKSUM_ALGORITHMS),
             },
         )
 
@@ -74,69 +89,101 @@ class TusEndpoint:
         tp.check_version(request.headers)
         principal = await authenticate(self.uploads.engine, request)
         s = self.uploads.settings
+        if "Upload-Concat" in request.headers:
+            raise ApiError(BAD_REQUEST, "concatenation is not supported (see Tus-Extension)")
         length = tp.parse_length(request.headers.get("Upload-Length"), s.max_upload_bytes)
         if length == 0:
             raise ApiError(VALIDATION, "Upload-Length must be positive for a video")
         meta = tp.parse_metadata(request.headers.get("Upload-Metadata"))
-        title = (meta.get("title") or meta.get("filename") or "untitled")[:300]
-        visibility = meta.get("visibility", "public")
-        if visibility not in ("public", "unlisted", "private"):
-            raise ApiError(VALIDATION, "visibility: must be public, unlisted or private")
-        req = UploadRequest(
-            title=title,
-            description=meta.get("description", "")[:5000],
-            visibility=visibility,
-            content_type=meta.get("filetype") or meta.get("contentType"),
-            size_bytes=length,
+        # creation-with-upload (§7.2): the POST may carry the first bytes, checked like a PATCH
+        # before anything is created, so a refused request leaves nothing behind
+        with_upload = request.body_exists and request.content_type == tp.OFFSET_CONTENT_TYPE
+        checksum = tp.parse_checksum(request.headers.get("Upload-Checksum"))
+        if with_upload:
+            tp.check_fits(0, request.content_length, length)
+        title = (meta.get("title") or meta.get("filename") or "").strip()[:300] or "untitled"
+        req = upload_request(
+            {
+                "title": title,
+                "description": meta.get("description", "")[:5000],
+                "visibility": meta.get("visibility", "public"),
+                "contentType": meta.get("filetype") or meta.get("contentType"),
+                "sizeBytes": length,
+            },
+            s.max_upload_bytes,
         )
         now = time.time()
         created = await self.uploads.create(req, principal.key_id, now, meta)
         offset = 0
-        # creation-with-upload: the POST may carry the first bytes (tus §Creation With Upload)
-        if request.body_exists and request.content_type == tp.OFFSET_CONTENT_TYPE:
-            async with self.uploads.lock(created.session_id):
-                offset, _ = await self.uploads.append(
-                    created.session_id, 0, request.content.iter_chunked(CHUNK), now
+        if with_upload:
+            # The resource exists now: if its first bytes are refused (checksum, a cut), the
+            # client still gets its Location and resumes from the offset answered here.
+            with contextlib.suppress(ApiError):
+                patched = await self.uploads.patch(
+                    created.session_id,
+                    0,
+                    request.content.iter_chunked(CHUNK),
+                    now=now,
+                    content_length=request.content_length,
+                    checksum=checksum,
+                    principal=principal,
                 )
-        loc = upload_url(request, created.session_id)
+                offset = patched.offset
+            if offset == 0:
+                offset = (await self.uploads.session(created.session_id, time.time())).offset
         return web.Response(
             status=201,
             headers={
-                "Location": loc,
+                "Location": upload_url(request, created.session_id),
                 "Upload-Offset": str(offset),
-                "Upload-Expires": _expires_header(created.expires_at),
+                "Upload-Expires": tp.http_date(created.expires_at),
                 "X-Video-Id": created.video_id,
             },
         )
 
     async def head(self, request: web.Request) -> web.Response:
         tp.check_version(request.headers)
-        await authenticate(self.uploads.engine, request)
-        s = await self.uploads.session(request.match_info["sid"], time.time())
-        return web.Response(
-            status=200,
-            headers={
-                "Upload-Offset": str(s["offset"]),
-                "Upload-Length": str(s["size_bytes"]),
-                "Upload-Expires": _expires_header(float(s["expires_at"])),
-            },
-        )
+        principal = await authenticate(self.uploads.engine, request)
+        s = await self.uploads.session(_session_id(request), time.time(), principal)
+        headers = {
+            "Upload-Offset": str(await self.uploads.settled_offset(s)),
+            "Upload-Length": str(s.size_bytes),
+        }
+        if s.is_open:
+            headers["Upload-Expires"] = tp.http_date(s.expires_at)
+        if s.metadata:
+            headers["Upload-Metadata"] = tp.encode_metadata(s.metadata)
+        return web.Response(status=200, headers=headers)
 
     async def patch(self, request: web.Request) -> web.Response:
         tp.check_version(request.headers)
-        await authenticate(self.uploads.engine, request)
-        sid = request.match_info["sid"]
-        now = time.time()
-        async with self.uploads.lock(sid):
-            s = await self.uploads.session(sid, now)
-            offset = tp.check_patch(request.headers, int(s["offset"]))
-            new_offset, _ = await self.uploads.append(
-                sid, offset, request.content.iter_chunked(CHUNK), now
-            )
-        return web.Response(
-            status=204,
-            headers={
-                "Upload-Offset": str(new_offset),
-                "Upload-Expires": _expires_header(float(s["expires_at"])),
-            },
+        principal = await authenticate(self.uploads.engine, request)
+        sid = _session_id(request)
+        tp.check_content_type(request.headers)
+        offset = tp.parse_offset(request.headers.get("Upload-Offset"))
+        checksum = tp.parse_checksum(request.headers.get("Upload-Checksum"))
+        patched = await self.uploads.patch(
+            sid,
+            offset,
+            request.content.iter_chunked(CHUNK),
+            now=time.time(),
+            content_length=request.content_length,
+            checksum=checksum,
+            principal=principal,
         )
+        headers = {"Upload-Offset": str(patched.offset)}
+        if not patched.completed:
+            headers["Upload-Expires"] = tp.http_date(patched.expires_at)
+        return web.Response(status=204, headers=headers)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        tp.check_version(request.headers)
+        principal = await authenticate(self.uploads.engine, request)
+        await self.uploads.terminate(_session_id(request), principal, time.time())
+        return web.Response(status=204)
+
+    async def overridden(self, request: web.Request) -> web.StreamResponse:
+        """POST + X-HTTP-Method-Override (§6), for clients that cannot send PATCH/DELETE."""
+        if tp.method_override(request.headers) == "PATCH":
+            return await self.patch(request)
+        return await self.delete(request)

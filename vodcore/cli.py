@@ -81,6 +81,8 @@ def cmd_transcoder(args: argparse.Namespace) -> int:
     configure_logging()
     s = _settings(args)
     slots = args.slots or s.transcoder_slots
+    if args.threads is not None:
+        s = dataclasses.replace(s, ffmpeg_threads=args.threads)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc = sub.add_parser("transcoder", help="run a transcoder pool pulling jobs from the queue")
     common(tc)
     tc.add_argument("--slots", type=int, help="concurrent jobs (default 1)")
+    tc.add_argument("--threads", type=int, help="ffmpeg threads per slot (default: ffmpeg's own)")
     tc.set_defaults(func=cmd_transcoder)
 
     keys = sub.add_parser("keys", help="API keys")

@@ -1,5 +1,5 @@
 """Operator commands: `vod purge …`, `vod block|unblock ID` and `vod delete|restore ID`, with a
-propagation report.
+propagation report; `vod signing rotate|revoke KID` for the playback-token signing keys.
 
 They call control's API (`--api`, default http://127.0.0.1:8000 or $VOD_API) with an operator
 key (`--key` or $VOD_API_KEY). `vod purge --wait` and the takedown commands (unless
@@ -115,6 +115,31 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     return report(api, doc["purgeId"], args.timeout)
 
 
+def cmd_signing(args: argparse.Namespace) -> int:
+    """Playback-token signing keys: rotate (a new current key; tokens of the old keep playing
+    until they expire) or revoke a kid (its tokens are refused at every edge at once)."""
+    auth = _auth(args)
+    if auth is None:
+        return _fail("an operator API key is needed: --key or $VOD_API_KEY", 2)
+    api = args.api.rstrip("/")
+    try:
+        if args.signing_command == "rotate":
+            r = requests.post(f"{api}/v1/keys/rotate", headers=auth, timeout=30)
+        else:
+            r = requests.delete(f"{api}/v1/keys/{args.kid}", headers=auth, timeout=30)
+    except requests.RequestException as e:
+        return _fail(f"control at {api} is unreachable: {e}")
+    if r.status_code != 200:
+        return _fail(f"{args.signing_command} refused: {api_error(r)}")
+    doc = r.json()
+    if args.signing_command == "rotate":
+        print(f"signing with {doc['kid']}; published keys: {', '.join(doc['published'])}")
+    else:
+        print(f"revoked {doc['revoked']}; signing with {doc['signing']}")
+    print(f"announced on the purge log at seq {doc['seq']}: edges refetch the key set")
+    return 0
+
+
 def add_operator_parsers(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--api", default=os.environ.get("VOD_API", "http://127.0.0.1:8000"),
@@ -149,3 +174,13 @@ def add_operator_parsers(sub: Any) -> None:
         t.add_argument("--no-wait", action="store_true", help="do not wait for the report")
         common(t)
         t.set_defaults(func=cmd_takedown)
+
+    sg = sub.add_parser("signing", help="playback-token signing keys: rotate, revoke")
+    ssub = sg.add_subparsers(dest="signing_command", required=True, metavar="ACTION")
+    rot = ssub.add_parser("rotate", help="make a new key current (no downtime)")
+    common(rot)
+    rot.set_defaults(func=cmd_signing)
+    rev = ssub.add_parser("revoke", help="revoke a key id: its tokens are refused everywhere")
+    rev.add_argument("kid")
+    common(rev)
+    rev.set_defaults(func=cmd_signing)

@@ -398,6 +398,14 @@ async def test_operator_cli_purges_and_blocks_with_a_propagation_report(world: W
     assert code == 1 and "404" in err and "Traceback" not in err
     code, out, err = await vod("purge", "--all", "--api", world.control)
     assert code == 2 and "operator API key" in err
+    # signing keys: rotate, then revoke the new key; the report names the kids
+    code, out, err = await vod("signing", "rotate", *api)
+    assert code == 0 and out.startswith("signing with "), err
+    kid = out.split()[2].rstrip(";")
+    code, out, err = await vod("signing", "revoke", kid, *api)
+    assert code == 0 and f"revoked {kid}" in out and "purge log at seq" in out, err
+    code, out, err = await vod("signing", "revoke", "no-such-kid", *api)
+    assert code == 1 and "revoke refused" in err and "Traceback" not in err
 
 
 async def test_key_rotation_without_downtime_and_revocation_everywhere(world: World) -> None:
