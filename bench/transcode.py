@@ -22,13 +22,12 @@ Targets, interleaved (the order alternates from one repetition to the next):
   is put in a FilesystemStore, the video row inserted and a `transcode` job enqueued (the
   moment the upload completes), and `transcoder.worker.run_pool(slots=1)`, already running
   and idle, takes it from there.
-  Full ladder: from the enqueue to the completion time of the video's last job
-  (`jobs.updated_at`, so the VMAF report stage counts if there is one), once the video is READY
-  and none of its jobs has been queued or running for 2 s (a stage that enqueues a follow-up
-  is waited for). First playable: the first transition to READY (the `events` log, else the
-  video's `ready_at`; the pipeline may publish a quick first version, then the full ladder as
-  a new version). "Ladder published" (information): the final version's publish. Includes the
-  pool's idle poll, probing, packaging, upload and publish. Times come from the database's
+  "Ladder published", what the goals use (raw's output is the playable ladder): from the
+  enqueue to the final version's publish (the `events` log). "All jobs" (information): to the
+  completion of the video's last job (`jobs.updated_at`: the thumbnails stage, which runs
+  after the publish), once the video is READY and none of its jobs has been queued or running
+  for 2 s. First playable: the first transition to READY. Includes the pool's idle poll,
+  probing, packaging, upload and publish. Times come from the database's
   timestamps, not from the 0.1 s polling.
 
 The first-playable part runs ours alone, with the default settings (quick first version, VMAF
@@ -455,8 +454,12 @@ def report(
     media = src.seconds
     firsts = [r.first for r in ours]
     raw_m, per_m, ours_m = (h.median(walls[t]) for t in TARGETS)
-    overhead = ours_m / raw_m - 1
-    speedup = per_m / ours_m
+    # The goals compare like with like: raw's output is the playable ladder, so ours counts to
+    # the publish of the full ladder; the thumbnails stage that runs after it is reported apart.
+    pubs = [r.published for r in ours if r.published is not None]
+    ours_pub = h.median(pubs) if pubs else ours_m
+    overhead = ours_pub / raw_m - 1
+    speedup = per_m / ours_pub
     argv = "".join(" " + shlex.quote(x) for x in sys.argv[1:])
     h.banner(f"Transcoding: ours vs raw ffmpeg vs one ffmpeg per rung ({media:g} s source)")
     print(f"Command: `.venv/bin/python bench/transcode.py{argv}`")
@@ -472,24 +475,22 @@ def report(
     rows = [
         timing_row("raw", media, walls["raw"], "our argv, one ffmpeg, run bare"),
         timing_row("per-rung", media, walls["per-rung"], f"{n} ffmpeg in parallel, one per rung"),
-        timing_row("ours, full ladder", media, walls["ours"], "run_pool: enqueue → last job done"),
+        timing_row("ours, all jobs", media, walls["ours"], "run_pool: enqueue → last job done"),
         timing_row("ours, first playable", media, firsts, "run_pool: enqueue → first READY"),
     ]
-    pubs = [r.published for r in ours if r.published is not None]
     if pubs:
-        what = "run_pool: enqueue → full ladder published (info)"
-        rows.insert(3, timing_row("ours, ladder published", media, pubs, what))
+        what = "run_pool: enqueue → full ladder published"
+        rows.insert(2, timing_row("ours, ladder published", media, pubs, what))
     print(h.table(["target", "wall s (median)", "range", "RTF", "what"], rows))
 
     goals: list[list[object]] = [
         ["ours/raw overhead", f"{overhead:+.1%}", f"≤ {GOAL_OVERHEAD:.0%}",
          met(overhead <= GOAL_OVERHEAD)],
-        ["ours vs per-rung speedup", h.ratio(per_m, ours_m), f"≥ {GOAL_SPEEDUP:.2f}x",
+        ["ours vs per-rung speedup", h.ratio(per_m, ours_pub), f"≥ {GOAL_SPEEDUP:.2f}x",
          met(speedup >= GOAL_SPEEDUP)],
     ]  # fmt: skip
-    if pubs:
-        pub_over = h.median(pubs) / raw_m - 1
-        goals.append(["(info) ours/raw, to the full ladder's publish", f"{pub_over:+.1%}", "", ""])
+    all_over = ours_m / raw_m - 1
+    goals.append(["(info) ours/raw, to the last job (thumbnails)", f"{all_over:+.1%}", "", ""])
     if fp is not None and fp_runs:
         # full ladder = its version published (the VMAF report after it delays no viewer)
         f_first = h.median([r.first for r in fp_runs])
