@@ -320,3 +320,24 @@ async def test_a_long_source_is_encoded_in_chunks_by_several_jobs_and_joined(
     assert durations == [[2.0] * 6, [2.0] * 6]
     assert abs(decoded_seconds(base / "master.m3u8") - 12.0) <= 0.5
     assert not await store.list("work/vidlong/")  # the chunks' staging area is cleaned up
+
+
+async def test_configured_limits_fail_early_with_a_readable_reason(
+    tmp_path: Path, clip: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", max_duration_seconds=2.0, max_side=4096)
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.db_url)
+    await create_schema(engine)
+    try:
+        store = FilesystemStore(settings.store_dir)
+        await add_video(engine, store, "vidlimit", clip)  # a 4 s clip, over the 2 s limit
+        await run_until_done(settings, engine, 1, slots=1)
+        row = await video_row(engine, "vidlimit")
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(jobs.c.kind, jobs.c.attempts))).all()
+    finally:
+        await engine.dispose()
+    assert row["state"] == "FAILED"
+    assert row["failure_reason"] == "the video is 4s long; the limit is 2s", row
+    assert [(r.kind, r.attempts) for r in rows] == [(KIND, 1)]  # refused before any encode
