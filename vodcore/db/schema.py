@@ -155,3 +155,7 @@ video_cutoffs = Table(
     Column("video_id", String(40), primary_key=True),
     Column("cutoff", Float, nullable=False),
 )
+
+# Tables of the derived read models live beside their code; importing them here registers them
+# on `metadata` so every `create_schema` creates them.
+import vodcore.db.consumers  # noqa: E402, F401

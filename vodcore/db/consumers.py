@@ -1,0 +1,133 @@
+"""Consumers of the event log (the `events` outbox): derived read models (search, counters).
+
+Rules (DDIA's derived data):
+- every state change appends an event in the same transaction as the change (the outbox), so
+  the log is complete and ordered by `seq`;
+- a consumer has a name and an offset (the last `seq` it applied) in `consumer_offsets`;
+  `run_once` reads the next batch after the offset and applies it *in one transaction with the
+  offset update*: a crash in between applies the batch again from the old offset, never half,
+  so handlers only need to be idempotent per event (upserts keyed by the event's subject);
+- a consumer never scans the metadata tables for what changed: it follows the log; rebuilding
+  a read model is `reset` (offset 0, after the handler cleared its model) and replaying;
+- `lag` is how many events a consumer has not applied yet (exported as a metric by callers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column, Float, Integer, String, Table, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from vodcore.db.schema import events, metadata
+
+log = logging.getLogger("vod.consumers")
+
+consumer_offsets = Table(
+    "consumer_offsets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("offset", Integer, nullable=False, default=0),  # the last events.seq applied
+    Column("updated_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    kind: str
+    video_id: str | None
+    payload: dict[str, Any]
+    created_at: float
+
+
+Handler = Callable[[AsyncConnection, Sequence[Event]], Awaitable[None]]
+
+
+async def get_offset(conn: AsyncConnection, name: str) -> int:
+    row = (
+        await conn.execute(select(consumer_offsets.c.offset).where(consumer_offsets.c.name == name))
+    ).first()
+    return int(row.offset) if row else 0
+
+
+async def set_offset(conn: AsyncConnection, name: str, offset: int, now: float) -> None:
+    res = await conn.execute(
+        update(consumer_offsets)
+        .where(consumer_offsets.c.name == name)
+        .values(offset=offset, updated_at=now)
+    )
+    if res.rowcount == 0:
+        await conn.execute(
+            consumer_offsets.insert().values(name=name, offset=offset, updated_at=now)
+        )
+
+
+async def run_once(
+    engine: AsyncEngine,
+    name: str,
+    handler: Handler,
+    now: float,
+    *,
+    kinds: Sequence[str] | None = None,
+    batch: int = 500,
+) -> int:
+    """Apply the next batch of events after the consumer's offset; returns how many events
+    were read (0: caught up). Events of other `kinds` only move the offset."""
+    async with engine.begin() as conn:
+        offset = await get_offset(conn, name)
+        rows = (
+            await conn.execute(
+                select(events).where(events.c.seq > offset).order_by(events.c.seq).limit(batch)
+            )
+        ).all()
+        if not rows:
+            return 0
+        batch_events = [
+            Event(r.seq, r.kind, r.video_id, dict(r.payload or {}), r.created_at)
+            for r in rows
+            if kinds is None or r.kind in kinds
+        ]
+        if batch_events:
+            await handler(conn, batch_events)
+        await set_offset(conn, name, int(rows[-1].seq), now)
+        return len(rows)
+
+
+async def lag(engine: AsyncEngine, name: str) -> int:
+    async with engine.connect() as conn:
+        offset = await get_offset(conn, name)
+        last = (await conn.execute(select(func.max(events.c.seq)))).scalar()
+    return max(0, int(last or 0) - offset)
+
+
+async def reset(engine: AsyncEngine, name: str, now: float) -> None:
+    async with engine.begin() as conn:
+        await set_offset(conn, name, 0, now)
+
+
+async def follow(
+    engine: AsyncEngine,
+    name: str,
+    handler: Handler,
+    stop: asyncio.Event,
+    clock: Callable[[], float],
+    *,
+    kinds: Sequence[str] | None = None,
+    idle_seconds: float = 0.2,
+) -> None:
+    """Run `run_once` until `stop`: back to back while there is a backlog, then polling."""
+    while not stop.is_set():
+        try:
+            n = await run_once(engine, name, handler, clock(), kinds=kinds)
+        except Exception:  # a bad batch is retried (handlers are idempotent); keep the loop
+            log.exception("consumer %s failed; retrying", name)
+            n = 0
+        if n == 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), idle_seconds)
