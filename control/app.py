@@ -13,10 +13,14 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from control.auth import authenticate
+from control.engagement import ENGAGEMENT_KEY, Engagement
 from control.ids import is_id
 from control.moderation import Moderation
 from control.negcache import NegativeCache
 from control.purges import Purges
+from control.ratelimit import RateLimitConfig
+from control.ratelimit import install as install_rate_limits
+from control.search import Search, run_indexer
 from control.signing import Signing
 from control.tus import TusEndpoint, upload_url
 from control.upload_expiry import run_expiry
@@ -43,15 +47,18 @@ def make_app(settings: Settings) -> web.Application:
     uploads = Uploads(settings, engine, store)
     ready = {"db": False}
     app = base_app("control", ready=lambda: ready["db"])
+    install_rate_limits(app, RateLimitConfig.from_settings(settings))
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await create_schema(engine)
         ready["db"] = True
         stop = asyncio.Event()
         expiry = asyncio.create_task(run_expiry(engine, settings, stop))  # abandoned uploads
+        indexer = asyncio.create_task(run_indexer(engine, stop))  # the search read model
         yield
         stop.set()
         await expiry
+        await indexer
         await engine.dispose()
         await close_store(store)
 
@@ -86,6 +93,13 @@ def make_app(settings: Settings) -> web.Application:
     TusEndpoint(uploads).routes(app)
     negative = NegativeCache()  # shared: moderation forgets what it changes
     Videos(settings, engine, keys, negative).routes(app)
+    Search(engine).routes(app)
+    engagement = Engagement(
+        engine, redis_url=settings.redis_url, min_watch_seconds=settings.min_watch_seconds
+    )
+    engagement.routes(app)
+    app[ENGAGEMENT_KEY] = engagement
+    app.cleanup_ctx.append(engagement.background)  # after `lifecycle`: the schema exists
     purges = Purges(engine)
     purges.routes(app)
     Moderation(purges, store, negative).routes(app)

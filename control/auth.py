@@ -1,4 +1,9 @@
-"""API keys with roles. A key is shown once at creation; only its SHA-256 is stored."""
+"""API keys with roles. A key is shown once at creation; only its SHA-256 is stored.
+
+`authenticate` requires a key (401 without one or with a bad or revoked one, 403 for the wrong
+role); `optional_principal` is for calls anyone may make but a key may see more (a private
+video for its owner); `may_manage` is the ownership rule: the key that created a video, or any
+operator key."""
 
 from __future__ import annotations
 
@@ -59,3 +64,21 @@ async def authenticate(
     if row.role not in roles:
         raise ApiError(FORBIDDEN, f"this call needs the {' or '.join(roles)} role")
     return Principal(row.id, row.role)
+
+
+async def optional_principal(engine: AsyncEngine, request: web.Request) -> Principal | None:
+    """The caller's key, or None when the request carries no `Authorization` header at all
+    (a header with a bad or revoked key is still 401)."""
+    if not request.headers.get("Authorization", "").strip():
+        return None
+    return await authenticate(engine, request)
+
+
+def may_manage(principal: Principal | None, owner_key_id: str | None) -> bool:
+    """A video's owner (the key that created it) and operators may see, play and edit it
+    whatever its visibility."""
+    if principal is None:
+        return False
+    return principal.role == "operator" or (
+        owner_key_id is not None and principal.key_id == owner_key_id
+    )

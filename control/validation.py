@@ -1,5 +1,13 @@
 """Pure validation of API request bodies. Each function takes decoded JSON and returns a typed
-value or raises `ApiError(VALIDATION)` naming the field, so bad input is a clear 422."""
+value or raises `ApiError(VALIDATION)` naming the field, so bad input is a clear 422.
+
+Text fields: strings only; leading and trailing whitespace is stripped and nothing else is
+touched (no Unicode normalisation: a title comes back exactly as sent); at most `MAX_TITLE` /
+`MAX_DESCRIPTION` characters (code points); no NUL (PostgreSQL text cannot hold it). A title
+must not be empty; a description may be. `visibility` is one of `VISIBILITIES`.
+
+A metadata change (`video_patch`) names only `PATCH_FIELDS`: an unknown field is refused rather
+than ignored (a typo must not look like success), and so is an empty change."""
 
 from __future__ import annotations
 
@@ -70,3 +78,32 @@ def upload_request(doc: Any, max_bytes: int) -> UploadRequest:
     if size > max_bytes:
         raise ApiError(TOO_LARGE, f"sizeBytes exceeds the maximum of {max_bytes} bytes")
     return UploadRequest(title, description, visibility, ctype, size)
+
+
+PATCH_FIELDS = ("title", "description", "visibility")
+
+
+def video_patch(doc: Any) -> dict[str, str]:
+    """The fields a `PATCH /v1/videos/{id}` body changes, validated: {column: new value}."""
+    if not isinstance(doc, dict):
+        raise ApiError(VALIDATION, "the body must be a JSON object")
+    unknown = sorted(k for k in doc if k not in PATCH_FIELDS)
+    if unknown:
+        raise _field_error(
+            unknown[0], f"is not a field that can be changed ({', '.join(PATCH_FIELDS)})"
+        )
+    if not doc:
+        raise ApiError(VALIDATION, f"nothing to change: give one of {', '.join(PATCH_FIELDS)}")
+    for name, value in doc.items():
+        if not isinstance(value, str):
+            raise _field_error(name, "must be a string")
+    changes: dict[str, str] = {}
+    if "title" in doc:
+        changes["title"] = _text(doc, "title", MAX_TITLE, required=True)
+    if "description" in doc:
+        changes["description"] = _text(doc, "description", MAX_DESCRIPTION, required=False)
+    if "visibility" in doc:
+        if doc["visibility"] not in VISIBILITIES:
+            raise _field_error("visibility", f"must be one of {', '.join(VISIBILITIES)}")
+        changes["visibility"] = doc["visibility"]
+    return changes

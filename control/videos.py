@@ -10,6 +10,29 @@ blocked, 410 deleted. URLs carry the token in the path so relative manifest URLs
 Negative answers (unknown, blocked, deleted) are remembered for `negcache.TTL_SECONDS` in this
 process (`control.negcache`), so a player hammering a taken-down video costs no database read;
 moderation forgets the video's entry when it changes its state.
+
+Visibility (issue 6: "private and unlisted videos are never in search and get playback tokens
+only for their owner or operator"); the owner is the key that created the video, and operators
+may do what owners may (`control.auth.may_manage`):
+- public: anyone sees it and gets playback URLs, no key needed (keys are not even checked);
+- unlisted: anyone with the id may see its resource (the link is the point of unlisted), but
+  playback needs the owner's or an operator's key: 401 without a key, 403 with another key;
+- private: for anyone else, with or without a key (a bad one included), both calls answer 404
+  exactly as for an unknown video, so a stranger cannot tell that it exists.
+Per-viewer refusals are not put in the negative cache (it holds answers that are the same for
+everyone). Public videos cost no key lookup; the others one.
+
+`PATCH /v1/videos/{id}` changes title, description and visibility (`validation.video_patch`:
+unknown fields, wrong types, an empty title, over-long text are 422). It needs a key (401),
+the owner's or an operator's (403; 404 when the video is private, as above); blocked and
+deleted videos are refused as by GET (451, 410). In one transaction it re-reads the row (FOR
+UPDATE on PostgreSQL), updates the fields whose values differ and appends a `video.updated`
+event whose payload is exactly those fields with their new values (the search indexer follows
+it); a change to the same values writes nothing. Answers 200 with the video. The video is then
+forgotten in the negative cache, as moderation does.
+
+`GET /v1/me/videos?limit=&cursor=` (any key): the caller's own videos, newest first, cursor
+paginated (`control.listing`): `{results: [video…], nextCursor}`.
 """
 
 from __future__ import annotations
@@ -20,16 +43,28 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from control.auth import Principal, authenticate, may_manage, optional_principal
+from control.engagement import counters, counters_many
 from control.ids import is_id
+from control.listing import owner_page, page_query
 from control.negcache import MISSING, NegativeCache
+from control.validation import decode_json, video_patch
 from vodcore.config import Settings
-from vodcore.db.schema import video_cutoffs
-from vodcore.db.videos import get_video
-from vodcore.errors import BLOCKED, GONE, NOT_FOUND, NOT_READY, ApiError
+from vodcore.db.schema import video_cutoffs, videos
+from vodcore.db.videos import append_event, get_video
+from vodcore.errors import (
+    BLOCKED,
+    FORBIDDEN,
+    GONE,
+    NOT_FOUND,
+    NOT_READY,
+    UNAUTHENTICATED,
+    ApiError,
+)
 from vodcore.lifecycle import State
 from vodcore.tokens import SigningKeys
 
@@ -40,7 +75,7 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-def video_json(v: RowMapping) -> dict[str, Any]:
+def video_json(v: RowMapping, views: int = 0, likes: int = 0) -> dict[str, Any]:
     return {
         "videoId": v["id"],
         "title": v["title"],
@@ -60,8 +95,8 @@ def video_json(v: RowMapping) -> dict[str, Any]:
         "sizeBytes": v["size_bytes"],
         "createdAt": iso(v["created_at"]),
         "readyAt": iso(v["ready_at"]),
-        "viewCount": 0,
-        "likeCount": 0,
+        "viewCount": views,
+        "likeCount": likes,
     }
 
 
@@ -110,7 +145,9 @@ class Videos:
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/videos/{id}", self.get)
+        app.router.add_patch("/v1/videos/{id}", self.patch)
         app.router.add_get("/v1/videos/{id}/playback", self.playback)
+        app.router.add_get("/v1/me/videos", self.mine)
         app.router.add_get("/v1/keys/jwks.json", self.jwks)
 
     async def _load(self, video_id: str) -> RowMapping:
@@ -132,12 +169,88 @@ class Videos:
         assert v is not None
         return v
 
+    async def _viewer(self, request: web.Request, v: RowMapping, *, play: bool) -> None:
+        """Refuse a caller who may not see (or, with `play`, play) a non-public video."""
+        visibility = v["visibility"]
+        if visibility == "public":
+            return
+        try:
+            principal = await optional_principal(self.engine, request)
+        except ApiError as e:
+            if visibility == "private" and e.kind in (UNAUTHENTICATED, FORBIDDEN):
+                raise ApiError(NOT_FOUND, "no such video") from None
+            raise
+        if may_manage(principal, v["owner_key_id"]):
+            return
+        if visibility == "private":
+            raise ApiError(NOT_FOUND, "no such video")
+        if play:  # unlisted
+            if principal is None:
+                raise ApiError(
+                    UNAUTHENTICATED,
+                    "an unlisted video plays only for its owner or an operator",
+                    headers={"WWW-Authenticate": 'Bearer realm="vodstack"'},
+                )
+            raise ApiError(FORBIDDEN, "an unlisted video plays only for its owner or an operator")
+
     async def get(self, request: web.Request) -> web.Response:
         v = await self._load(request.match_info["id"])
-        return web.json_response(video_json(v), headers={"Cache-Control": "no-store"})
+        await self._viewer(request, v, play=False)
+        async with self.engine.connect() as conn:
+            views, likes = await counters(conn, v["id"])
+        return web.json_response(video_json(v, views, likes), headers={"Cache-Control": "no-store"})
+
+    async def patch(self, request: web.Request) -> web.Response:
+        principal = await authenticate(self.engine, request)
+        changes = video_patch(decode_json(await request.read()))
+        video_id = request.match_info["id"]
+        if not is_id(video_id, "vid"):
+            raise ApiError(NOT_FOUND, "no such video")
+        now = time.time()
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(select(videos).where(videos.c.id == video_id).with_for_update())
+            ).first()
+            v = row._mapping if row is not None else None
+            err = refusal(MISSING if v is None else str(v["state"]))
+            if err is not None:
+                raise err
+            assert v is not None
+            self._may_edit(principal, v)
+            changed = {k: val for k, val in changes.items() if v[k] != val}
+            if changed:
+                await conn.execute(
+                    update(videos).where(videos.c.id == video_id).values(**changed, updated_at=now)
+                )
+                await append_event(conn, "video.updated", video_id, dict(changed), now)
+                v = await get_video(conn, video_id)
+                assert v is not None
+            views, likes = await counters(conn, video_id)
+        self.negative.forget(video_id)
+        return web.json_response(video_json(v, views, likes), headers={"Cache-Control": "no-store"})
+
+    @staticmethod
+    def _may_edit(principal: Principal, v: RowMapping) -> None:
+        if may_manage(principal, v["owner_key_id"]):
+            return
+        if v["visibility"] == "private":
+            raise ApiError(NOT_FOUND, "no such video")
+        raise ApiError(FORBIDDEN, "only the video's owner or an operator may change it")
+
+    async def mine(self, request: web.Request) -> web.Response:
+        principal = await authenticate(self.engine, request)
+        limit, after = page_query(request.query)
+        async with self.engine.connect() as conn:
+            page, nxt = await owner_page(conn, principal.key_id, limit, after)
+            counts = await counters_many(conn, [v["id"] for v in page])
+        return web.json_response(
+            {"results": [video_json(v, *counts[v["id"]]) for v in page], "nextCursor": nxt},
+            headers={"Cache-Control": "private, no-store"},
+        )
 
     async def playback(self, request: web.Request) -> web.Response:
         v = await self._load(request.match_info["id"])
+        await self._viewer(request, v, play=True)
         state = State(v["state"])
         if state is not State.READY or v["current_version"] is None:
             raise ApiError(

@@ -203,6 +203,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         return stop_all(0)
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from control.search import cmd_reindex as reindex
+
+    return reindex(args)
+
+
 # --- keys -----------------------------------------------------------------------------------
 
 
@@ -299,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(kc)
     kc.add_argument("--role", choices=("creator", "operator"), required=True)
     kc.set_defaults(func=cmd_keys_create)
+
+    ri = sub.add_parser("reindex", help="rebuild the search index from the event log")
+    common(ri)
+    ri.set_defaults(func=cmd_reindex)
 
     from vodcore.operator_cli import add_operator_parsers
     from vodcore.upload_cli import add_upload_parser

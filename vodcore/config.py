@@ -67,6 +67,15 @@ class Settings:
     upload_part_bytes: int = 8 * 1024 * 1024
     upload_ttl_seconds: int = 24 * 3600
     upstream_timeout_seconds: float = 30.0
+    # Playback events: the playback_events table unless a Redis URL is given (Redis Streams).
+    redis_url: str | None = None
+    # Rate limits (control): token buckets per API key and per client IP, shared by every
+    # control process through Redis when `redis_url` is set. A rate of 0 turns one off.
+    rate_limit_key_per_second: float = 20.0
+    rate_limit_key_burst: int = 100
+    rate_limit_ip_per_second: float = 50.0
+    rate_limit_ip_burst: int = 200
+    min_watch_seconds: float = 10.0  # a playback session counts one view past this (PeerTube: 10)
     # A cache that has not heard from control's purge stream for this long (3 missed pings)
     # revalidates what it stores instead of serving it blindly.
     purge_blind_seconds: float = 30.0
@@ -150,6 +159,12 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         "upload_ttl_seconds",
         "upstream_timeout_seconds",
         "purge_blind_seconds",
+        "redis_url",
+        "min_watch_seconds",
+        "rate_limit_key_per_second",
+        "rate_limit_key_burst",
+        "rate_limit_ip_per_second",
+        "rate_limit_ip_burst",
     ):
         if key in doc:
             changes[key] = doc[key]
@@ -189,6 +204,8 @@ def _apply_env(s: Settings, env: os._Environ[str] | dict[str, str]) -> Settings:
         changes["database_url"] = env["VOD_DATABASE_URL"]
     if env.get("VOD_FFMPEG"):
         changes["ffmpeg"] = env["VOD_FFMPEG"]
+    if env.get("VOD_REDIS_URL"):
+        changes["redis_url"] = env["VOD_REDIS_URL"]
     if env.get("VOD_PUBLIC_EDGE_URL"):
         changes["public_edge_url"] = env["VOD_PUBLIC_EDGE_URL"]
     for key in ("bucket", "endpoint_url", "region", "prefix"):

@@ -46,6 +46,7 @@ TOO_LARGE            = ErrorKind("too_large", 413, "the body exceeds the declare
 UNSUPPORTED_MEDIA    = ErrorKind("unsupported_media_type", 415, "unsupported Content-Type")
 RANGE_NOT_SATISFIABLE = ErrorKind("range_not_satisfiable", 416, "the range is outside the object")
 BLOCKED              = ErrorKind("blocked", 451, "the video is unavailable for legal reasons")
+RATE_LIMITED         = ErrorKind("rate_limited", 429, "too many requests; slow down")
 CHECKSUM_MISMATCH    = ErrorKind("checksum_mismatch", 460, "the body fails its Upload-Checksum")
 UPSTREAM_FAILED      = ErrorKind("upstream_failed", 502, "the upstream tier failed")
 UPSTREAM_TIMEOUT     = ErrorKind("upstream_timeout", 504, "the upstream tier timed out")

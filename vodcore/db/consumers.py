@@ -9,7 +9,12 @@ Rules (DDIA's derived data):
   so handlers only need to be idempotent per event (upserts keyed by the event's subject);
 - a consumer never scans the metadata tables for what changed: it follows the log; rebuilding
   a read model is `reset` (offset 0, after the handler cleared its model) and replaying;
-- `lag` is how many events a consumer has not applied yet (exported as a metric by callers).
+- `lag` is how many events a consumer has not applied yet (exported as a metric by callers);
+- on PostgreSQL a `seq` is taken at insert but becomes visible at commit, so two concurrent
+  transactions can commit out of seq order; a consumer that moved past a seq still in flight
+  would never see it. So there a consumer reads only events older than `SETTLE_SECONDS` (a
+  transaction that appends an event commits well within that); SQLite has one writer at a time
+  and needs no delay.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from vodcore.db.schema import events, metadata
 
 log = logging.getLogger("vod.consumers")
+
+SETTLE_SECONDS = 1.0
 
 consumer_offsets = Table(
     "consumer_offsets",
@@ -79,11 +86,17 @@ async def run_once(
 ) -> int:
     """Apply the next batch of events after the consumer's offset; returns how many events
     were read (0: caught up). Events of other `kinds` only move the offset."""
+    settled = events.c.seq > 0
+    if engine.dialect.name == "postgresql":
+        settled = events.c.created_at <= now - SETTLE_SECONDS
     async with engine.begin() as conn:
         offset = await get_offset(conn, name)
         rows = (
             await conn.execute(
-                select(events).where(events.c.seq > offset).order_by(events.c.seq).limit(batch)
+                select(events)
+                .where(events.c.seq > offset, settled)
+                .order_by(events.c.seq)
+                .limit(batch)
             )
         ).all()
         if not rows:

@@ -7,6 +7,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -41,6 +42,8 @@ videos = Table(
     Column("updated_at", Float, nullable=False),
     Column("ready_at", Float, nullable=True),
 )
+# A creator's own listing (GET /v1/me/videos): owner's videos by (created_at DESC, id DESC).
+Index("ix_videos_owner_created", videos.c.owner_key_id, videos.c.created_at, videos.c.id)
 
 upload_sessions = Table(
     "upload_sessions",
@@ -158,4 +161,6 @@ video_cutoffs = Table(
 
 # Tables of the derived read models live beside their code; importing them here registers them
 # on `metadata` so every `create_schema` creates them.
-import vodcore.db.consumers  # noqa: E402, F401
+import vodcore.db.consumers  # noqa: E402
+import vodcore.db.engagement_schema  # noqa: E402
+import vodcore.db.search_schema  # noqa: E402, F401
