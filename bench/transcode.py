@@ -62,9 +62,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from transcoder.command import INIT_TEMPLATE, MEDIA_TEMPLATE, Plan, build_argv
-from transcoder.ladder import Ladder, plan_ladder
+from transcoder.ladder import Ladder
 from transcoder.probe import Probe, probe
 from transcoder.quality import QUALITY_JSON, find_rungs
+from transcoder.stages import plan_for
 from transcoder.worker import KIND, run_pool
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
@@ -133,14 +134,7 @@ def make_source(fleet: h.Fleet, name: str, seconds: float, height: int, noise: i
     t0 = time.perf_counter()
     info = asyncio.run(probe(EXE, out))
     probed = time.perf_counter() - t0
-    ladder = plan_ladder(
-        info.width,
-        info.height,
-        sar=info.sar,
-        rotation=info.rotation,
-        fps=None if info.vfr else info.fps,
-        has_audio=info.audio_index is not None,
-    )
+    ladder = plan_for(info)  # exactly the pipeline's ladder
     src = Source(
         name,
         out,

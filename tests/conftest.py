@@ -17,12 +17,15 @@ def ffmpeg() -> str:
     return ffmpeg_exe()
 
 
-def make_clip(ffmpeg: str, out: Path, seconds: float = 4, size: str = "640x360") -> Path:
+def make_clip(
+    ffmpeg: str, out: Path, seconds: float = 4, size: str = "640x360", preset: str = "veryfast"
+) -> Path:
+    """A synthetic H.264 + AAC mp4 from lavfi sources (moving test pattern, a sine tone)."""
     subprocess.run(
         [ffmpeg, "-hide_banner", "-v", "error", "-y",
          "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=30:duration={seconds}",
          "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
-         "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac", "-shortest", str(out)],
+         "-c:v", "libx264", "-preset", preset, "-c:a", "aac", "-shortest", str(out)],
         check=True, timeout=60,
     )  # fmt: skip
     return out

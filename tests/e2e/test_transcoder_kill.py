@@ -6,21 +6,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 from sqlalchemy import select
 
-from tests.integration.test_transcoder import FFMPEG, _processes_mentioning, decoded_seconds
+from tests.conftest import make_clip
+from tests.integration.test_transcoder import (
+    FFMPEG,
+    _processes_mentioning,
+    add_video,
+    decoded_seconds,
+)
 from tests.procs import VodProcess
 from transcoder.manifests import parse_master, parse_media_playlist
-from transcoder.worker import KIND
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.jobs import enqueue
 from vodcore.db.schema import jobs, videos
-from vodcore.layout import source_key
 from vodcore.store.fs import FilesystemStore
 
 CONFIG = """
@@ -34,16 +36,7 @@ quality_report = false
 async def _setup(settings: Settings, src: Path) -> None:
     engine = make_engine(settings.db_url)
     await create_schema(engine)
-    await FilesystemStore(settings.store_dir).put_file(source_key("vidkill"), src)
-    now = time.time()
-    async with engine.begin() as conn:
-        await conn.execute(
-            videos.insert().values(
-                id="vidkill", title="t", description="", visibility="public",
-                state="UPLOADED", created_at=now, updated_at=now,
-            )
-        )  # fmt: skip
-        await enqueue(conn, "vidkill", KIND, now)
+    await add_video(engine, FilesystemStore(settings.store_dir), "vidkill", src)
     await engine.dispose()
 
 
@@ -64,14 +57,7 @@ def test_sigkill_mid_encode_then_another_worker_finishes(tmp_path: Path) -> None
     cfg = tmp_path / "vod.toml"
     cfg.write_text(CONFIG)
     settings = Settings(data_dir=data)
-    src = tmp_path / "src.mp4"
-    subprocess.run(
-        [FFMPEG, "-hide_banner", "-v", "error", "-y",
-         "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30:duration=8",
-         "-f", "lavfi", "-i", "sine=frequency=440:duration=8",
-         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(src)],
-        check=True,
-    )  # fmt: skip
+    src = make_clip(FFMPEG, tmp_path / "src.mp4", 8, "1280x720", preset="ultrafast")
     asyncio.run(_setup(settings, src))
     args = ["transcoder", "--data", str(data), "--config", str(cfg), "--slots", "1"]
 

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.conftest import make_clip
 from transcoder.manifests import mpd_files, parse_master, parse_media_playlist, parse_mpd
 from transcoder.worker import KIND, run_pool
 from vodcore.config import Settings
@@ -22,6 +23,7 @@ from vodcore.db.jobs import enqueue
 from vodcore.db.schema import jobs, videos
 from vodcore.ffmpeg import ffmpeg_exe
 from vodcore.layout import source_key
+from vodcore.store import ObjectStore
 from vodcore.store.fs import FilesystemStore
 
 FFMPEG = ffmpeg_exe()
@@ -55,7 +57,9 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     await eng.dispose()
 
 
-async def add_video(engine: AsyncEngine, store: FilesystemStore, vid: str, src: Path) -> None:
+async def add_video(engine: AsyncEngine, store: ObjectStore, vid: str, src: Path) -> None:
+    """The state right after an upload completes: the source stored, the video UPLOADED, the
+    pipeline's entry job queued."""
     await store.put_file(source_key(vid), src)
     now = time.time()
     async with engine.begin() as conn:
@@ -268,15 +272,7 @@ async def test_stop_kills_ffmpeg_and_releases_the_job(
 
 @pytest.fixture
 def twelve_seconds(tmp_path: Path) -> Path:
-    src = tmp_path / "twelve.mp4"
-    subprocess.run(
-        [FFMPEG, "-hide_banner", "-v", "error", "-y",
-         "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30:duration=12",
-         "-f", "lavfi", "-i", "sine=frequency=440:duration=12",
-         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(src)],
-        check=True,
-    )  # fmt: skip
-    return src
+    return make_clip(FFMPEG, tmp_path / "twelve.mp4", 12, preset="ultrafast")
 
 
 async def test_a_long_source_is_encoded_in_chunks_by_several_jobs_and_joined(

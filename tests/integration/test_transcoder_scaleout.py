@@ -5,7 +5,6 @@ Both services are real and on loopback; PostgreSQL missing fails the test (no sk
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,16 +12,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from tests.conftest import make_clip
 from tests.integration.test_jobqueue import PG_URL
-from tests.integration.test_transcoder import FFMPEG
+from tests.integration.test_transcoder import FFMPEG, add_video
 from tests.s3server import REGION, S3Server, s3_server
 from transcoder.manifests import parse_master
-from transcoder.worker import KIND, run_pool
+from transcoder.worker import run_pool
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.jobs import enqueue
 from vodcore.db.schema import jobs, metadata, videos
-from vodcore.layout import source_key
 from vodcore.store.factory import close_store, make_store
 
 
@@ -34,15 +32,7 @@ def s3() -> Iterator[S3Server]:
 
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
-    out = tmp_path / "src.mp4"
-    subprocess.run(
-        [FFMPEG, "-hide_banner", "-v", "error", "-y",
-         "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30:duration=4",
-         "-f", "lavfi", "-i", "sine=frequency=440:duration=4",
-         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(out)],
-        check=True,
-    )  # fmt: skip
-    return out
+    return make_clip(FFMPEG, tmp_path / "src.mp4", 4, preset="ultrafast")
 
 
 async def test_two_workers_share_one_postgresql_queue_and_one_s3_store(
@@ -71,16 +61,7 @@ async def test_two_workers_share_one_postgresql_queue_and_one_s3_store(
         asyncio.create_task(run_pool(b, 1, stop=stop, worker_id="machine-b")),
     ]
     try:
-        await store.put_file(source_key("vidscale"), source)
-        now = time.time()
-        async with engine.begin() as conn:
-            await conn.execute(
-                videos.insert().values(
-                    id="vidscale", title="t", description="", visibility="public",
-                    state="UPLOADED", created_at=now, updated_at=now,
-                )
-            )  # fmt: skip
-            await enqueue(conn, "vidscale", KIND, now)
+        await add_video(engine, store, "vidscale", source)
         deadline = time.monotonic() + 90
         while True:
             async with engine.connect() as conn:
