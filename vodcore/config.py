@@ -75,6 +75,7 @@ class Settings:
     rate_limit_key_burst: int = 100
     rate_limit_ip_per_second: float = 50.0
     rate_limit_ip_burst: int = 200
+    search_indexer: bool = True  # this control process follows the log into the search index
     min_watch_seconds: float = 10.0  # a playback session counts one view past this (PeerTube: 10)
     # A cache that has not heard from control's purge stream for this long (3 missed pings)
     # revalidates what it stores instead of serving it blindly.
@@ -161,6 +162,7 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         "purge_blind_seconds",
         "redis_url",
         "min_watch_seconds",
+        "search_indexer",
         "rate_limit_key_per_second",
         "rate_limit_key_burst",
         "rate_limit_ip_per_second",

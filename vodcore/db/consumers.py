@@ -9,6 +9,8 @@ Rules (DDIA's derived data):
   so handlers only need to be idempotent per event (upserts keyed by the event's subject);
 - a consumer never scans the metadata tables for what changed: it follows the log; rebuilding
   a read model is `reset` (offset 0, after the handler cleared its model) and replaying;
+- one consumer name is applied by one process at a time: `run_once` first takes the consumer's
+  offset row (a write), so several control processes may all run the indexer;
 - `lag` is how many events a consumer has not applied yet (exported as a metric by callers);
 - on PostgreSQL a `seq` is taken at insert but becomes visible at commit, so two concurrent
   transactions can commit out of seq order; a consumer that moved past a seq still in flight
@@ -90,6 +92,16 @@ async def run_once(
     if engine.dialect.name == "postgresql":
         settled = events.c.created_at <= now - SETTLE_SECONDS
     async with engine.begin() as conn:
+        # Take the consumer's row first (a write): a second process running the same consumer
+        # waits here until this batch commits, then reads the new offset, instead of applying
+        # the same batch beside it (PostgreSQL: row lock; SQLite: the write lock).
+        held = await conn.execute(
+            update(consumer_offsets).where(consumer_offsets.c.name == name).values(updated_at=now)
+        )
+        if held.rowcount == 0:
+            await conn.execute(
+                consumer_offsets.insert().values(name=name, offset=0, updated_at=now)
+            )
         offset = await get_offset(conn, name)
         rows = (
             await conn.execute(

@@ -10,7 +10,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from vodcore.db.schema import metadata
+from vodcore.db.migrations import upgrade
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -33,12 +33,13 @@ def make_engine(url: str) -> AsyncEngine:
 
 
 async def create_schema(engine: AsyncEngine) -> None:
-    """Create missing tables (idempotent). Two processes starting together on a fresh database
-    can both see a table missing; the loser's CREATE fails, and a second pass finds it made."""
+    """Create or upgrade the schema to this release (`migrations.upgrade`; idempotent). Two
+    processes starting together can both see a table or a step missing; the loser's DDL fails,
+    and a second pass finds it done."""
     for attempt in range(3):
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(metadata.create_all)
+                await conn.run_sync(upgrade)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             if attempt == 2:

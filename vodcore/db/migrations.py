@@ -1,0 +1,122 @@
+"""Schema migrations: an ordered list of steps run with Alembic's operations, on SQLite and
+PostgreSQL alike.
+
+Rules:
+- `schema.py` is the schema of the newest version. A fresh database gets it in one
+  `create_all` and is stamped with the newest version: nothing to replay;
+- a database made by an older release is stamped with its version in `schema_version` (one
+  row) — or has no stamp at all, which is version 1, the first release — and `upgrade` runs
+  each later step in order, each in its own transaction together with the new stamp, so a
+  crash leaves the database at a whole version;
+- steps use Alembic's `Operations` (`batch_alter_table` on SQLite, which cannot ALTER a
+  constraint: the table is copied, data and all); they only add: new tables come from
+  `create_all` (check-first) after the steps, new columns have defaults for old rows;
+- `drift` compares the live database with `schema.py` (Alembic's `compare_metadata`): the
+  tests assert an upgraded old database and a fresh one are the same.
+
+Alembic's script directory and revision files are not used: the steps are a few functions, and
+every process that opens the database (control, the transcoders) upgrades it at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy import Column, Integer, MetaData, Table, inspect, select
+from sqlalchemy.engine import Connection
+
+from vodcore.db.schema import metadata
+
+version_table = Table(
+    "schema_version",
+    MetaData(),  # not in `metadata`: create_all of the schema must not stamp anything
+    Column("version", Integer, nullable=False),
+)
+
+
+def _v2_pipeline_dag(op: Operations) -> None:
+    """The transcoding pipeline as a DAG (issue 5): jobs carry a version, a part, payload and
+    result, and dependencies; one job per (video, kind, version, part)."""
+    with op.batch_alter_table("jobs") as b:
+        b.add_column(sa.Column("version", sa.Integer, nullable=False, server_default="0"))
+        b.add_column(sa.Column("part", sa.Integer, nullable=False, server_default="0"))
+        b.add_column(sa.Column("payload", sa.JSON, nullable=True))
+        b.add_column(sa.Column("result", sa.JSON, nullable=True))
+        b.add_column(sa.Column("waiting", sa.Integer, nullable=False, server_default="0"))
+        b.add_column(sa.Column("then_job", sa.Integer, nullable=True))
+        b.drop_constraint("uq_jobs_video_kind", type_="unique")
+        b.create_unique_constraint("uq_jobs_stage", ["video_id", "kind", "version", "part"])
+
+
+def _v3_video_extras(op: Operations) -> None:
+    """Thumbnails and the VMAF summary on the video row; the creator's listing index."""
+    with op.batch_alter_table("videos") as b:
+        b.add_column(sa.Column("thumbnails", sa.JSON, nullable=True))
+        b.add_column(sa.Column("quality", sa.JSON, nullable=True))
+    op.create_index("ix_videos_owner_created", "videos", ["owner_key_id", "created_at", "id"])
+
+
+STEPS: list[tuple[int, Callable[[Operations], None]]] = [
+    (2, _v2_pipeline_dag),
+    (3, _v3_video_extras),
+]
+LATEST = STEPS[-1][0]
+
+
+def current_version(conn: Connection) -> int | None:
+    """The stamped version; 1 for an unstamped database of the first release; None if empty."""
+    tables = set(inspect(conn).get_table_names())
+    if "schema_version" in tables:
+        row = conn.execute(select(version_table.c.version)).first()
+        if row is not None:
+            return int(row.version)
+    return 1 if "videos" in tables else None
+
+
+def _stamp(conn: Connection, version: int) -> None:
+    version_table.create(conn, checkfirst=True)
+    conn.execute(version_table.delete())
+    conn.execute(version_table.insert().values(version=version))
+
+
+def upgrade(conn: Connection) -> list[int]:
+    """Bring the database to `LATEST` and create missing tables; returns the steps run.
+    Runs inside the caller's transaction (`engine.begin()` + `run_sync`)."""
+    version = current_version(conn)
+    ran: list[int] = []
+    if version is None:
+        metadata.create_all(conn)
+        _stamp(conn, LATEST)
+        return ran
+    op = Operations(MigrationContext.configure(conn))
+    for step, fn in STEPS:
+        if step > version:
+            fn(op)
+            ran.append(step)
+    metadata.create_all(conn)  # tables new since then (check-first)
+    if version != LATEST:
+        _stamp(conn, LATEST)
+    return ran
+
+
+def drift(conn: Connection) -> list[Any]:
+    """Differences between the live database and `schema.py` (empty: they match)."""
+    ctx = MigrationContext.configure(conn, opts={"compare_type": False})
+    diffs = compare_metadata(ctx, metadata)
+    postgres = conn.dialect.name == "postgresql"
+
+    def ours(d: Any) -> bool:
+        # FTS5 shadow tables and the version stamp are ours but not in `metadata`; the search
+        # GIN index exists on PostgreSQL only (SQLite searches with FTS5)
+        if not isinstance(d, tuple):
+            return False
+        if d[0] == "remove_table":
+            return bool(d[1].name == "schema_version" or d[1].name.startswith("search_fts"))
+        return bool(d[0] == "add_index" and d[1].name == "ix_search_docs_tsv" and not postgres)
+
+    return [d for d in diffs if not ours(d)]
