@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -16,6 +17,7 @@ from control.auth import authenticate
 from control.engagement import ENGAGEMENT_KEY, Engagement
 from control.ids import is_id
 from control.moderation import Moderation
+from control.multipart import complete_request
 from control.negcache import NegativeCache
 from control.purges import Purges
 from control.ratelimit import RateLimitConfig
@@ -54,11 +56,14 @@ def make_app(settings: Settings) -> web.Application:
         ready["db"] = True
         stop = asyncio.Event()
         expiry = asyncio.create_task(run_expiry(engine, settings, stop))  # abandoned uploads
-        indexer = asyncio.create_task(run_indexer(engine, stop))  # the search read model
+        indexer = None
+        if settings.search_indexer:  # the search read model
+            indexer = asyncio.create_task(run_indexer(engine, stop))
         yield
         stop.set()
         await expiry
-        await indexer
+        if indexer is not None:
+            await indexer
         await engine.dispose()
         await close_store(store)
 
@@ -68,24 +73,29 @@ def make_app(settings: Settings) -> web.Application:
         principal = await authenticate(engine, request)
         req = upload_request(decode_json(await request.read()), settings.max_upload_bytes)
         created = await uploads.create(req, principal.key_id, time.time(), {})
-        return web.json_response(
-            {
-                "videoId": created.video_id,
-                "uploadSessionId": created.session_id,
-                "uploadUrl": upload_url(request, created.session_id),
-                "partSizeBytes": settings.upload_part_bytes,
-                "expiresAt": _iso(created.expires_at),
-            },
-            status=201,
-        )
+        body: dict[str, Any] = {
+            "videoId": created.video_id,
+            "uploadSessionId": created.session_id,
+            "uploadUrl": upload_url(request, created.session_id),
+            "partSizeBytes": created.part_size or settings.upload_part_bytes,
+            "expiresAt": _iso(created.expires_at),
+        }
+        if req.method == "s3-multipart":  # PUT each part to its URL, then complete with ETags
+            body["method"] = req.method
+            body["parts"] = [
+                {"partNumber": n, "url": url} for n, url in enumerate(created.part_urls, start=1)
+            ]
+        return web.json_response(body, status=201)
 
     async def complete_upload(request: web.Request) -> web.Response:
         await authenticate(engine, request)
         sid = request.match_info["sid"]
         if not is_id(sid, "us"):
             raise ApiError(NOT_FOUND, "no such upload session")
+        raw = await request.read()
+        req = complete_request(decode_json(raw) if raw.strip() else None)
         async with uploads.lock(sid):
-            vid, state = await uploads.complete(sid, time.time())
+            vid, state = await uploads.complete(sid, time.time(), req)
         return web.json_response({"videoId": vid, "state": state}, status=202)
 
     app.router.add_post("/v1/uploads", create_upload)

@@ -39,12 +39,19 @@ Rules:
    idempotent, and a PATCH racing it loses its CAS. Afterwards the resource is 404.
 7. The creator who made an upload (or an operator) is the only one who may HEAD, PATCH or
    DELETE it (403 otherwise).
+8. When the object store is S3 (a `MultipartStore`), rules 2-5 keep their staging, checksums and
+   compare-and-set, but the committed bytes go into the session's S3 multipart upload instead of
+   `.part` (tus on S3), and `method: "s3-multipart"` sessions take their bytes from the client
+   straight to S3 through presigned part URLs: both are `control/multipart.py`, whose rules
+   (part sizes, the per-session file lock, the local remainder buffer, verification at
+   completion) apply. Termination and expiry abort the multipart upload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -59,6 +66,7 @@ import aiohttp
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from control import multipart as mp
 from control import tus_protocol as tp
 from control.auth import Principal
 from control.ids import is_id, new_id
@@ -74,11 +82,13 @@ from vodcore.errors import (
     NOT_FOUND,
     TOO_LARGE,
     UPLOAD_STATE,
+    VALIDATION,
     ApiError,
 )
 from vodcore.layout import source_key
 from vodcore.lifecycle import Event, IllegalTransition, State
-from vodcore.store import ObjectStore
+from vodcore.store import MultipartError, MultipartStore, ObjectInfo, ObjectStore, PartInfo
+from vodcore.store.s3 import S3Store
 
 log = logging.getLogger("vod.uploads")
 
@@ -95,6 +105,8 @@ class Created:
     video_id: str
     session_id: str
     expires_at: float
+    part_size: int | None = None  # the S3 part size, when the store is S3
+    part_urls: tuple[str, ...] = ()  # method s3-multipart: presigned UploadPart URLs, by number
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,10 +281,12 @@ async def abandon(
     now: float,
     *,
     expired_only: bool,
+    store: ObjectStore | None = None,
 ) -> bool:
     """Delete an open session, its never-uploaded video and then its files (rule 6). True if
     this call removed the session. Files a crash left behind go with the expiry sweep's
-    orphan pass."""
+    orphan pass. An S3 multipart upload is aborted, through `store` or, without one (the
+    expiry sweep), a short-lived client made from what the session's state file recorded."""
     cond = [upload_sessions.c.id == session_id, upload_sessions.c.status == OPEN]
     if expired_only:
         cond.append(upload_sessions.c.expires_at <= now)
@@ -290,8 +304,40 @@ async def abandon(
             )
             await append_event(conn, f"upload.{why}", vid, {"uploadSessionId": session_id}, now)
     if removed:
+        state = await asyncio.to_thread(mp.load_state, uploads_dir, session_id)
+        if state is not None:
+            await _abort(state, store)
         await asyncio.to_thread(remove_files, uploads_dir, session_id)
     return removed
+
+
+async def _abort(state: mp.MultipartState, store: ObjectStore | None) -> None:
+    try:
+        if isinstance(store, MultipartStore):
+            await store.abort_multipart(state.key, state.upload_id)
+            return
+        cfg = state.store
+        async with S3Store(
+            str(cfg.get("bucket")),
+            endpoint_url=cfg.get("endpoint_url"),
+            region=cfg.get("region"),
+            prefix=cfg.get("prefix") or "",
+        ) as s3:
+            await s3.abort_multipart(state.key, state.upload_id)
+    except Exception:
+        # the bucket's AbortIncompleteMultipartUpload lifecycle rule is the backstop
+        log.warning("could not abort multipart upload %s of %s", state.upload_id, state.key,
+                    exc_info=True)  # fmt: skip
+
+
+def _store_config(store: ObjectStore) -> dict[str, str | None]:
+    prefix = getattr(store, "prefix", "")
+    return {
+        "bucket": getattr(store, "bucket", None),
+        "endpoint_url": getattr(store, "endpoint_url", None),
+        "region": getattr(store, "region", None),
+        "prefix": prefix.rstrip("/") if isinstance(prefix, str) else "",
+    }
 
 
 # --- the service ------------------------------------------------------------------------------
@@ -347,9 +393,57 @@ class Uploads:
     async def create(
         self, req: UploadRequest, owner_key_id: str | None, now: float, meta: dict[str, str]
     ) -> Created:
+        store = self.store
+        if req.method == mp.METHOD_S3 and not isinstance(store, MultipartStore):
+            raise ApiError(
+                VALIDATION,
+                "method s3-multipart needs an S3 object store; this server keeps uploads on "
+                "its filesystem: upload with tus (the default method)",
+                extra={"field": "method"},
+            )
         vid, sid = new_id("vid"), new_id("us")
         expires = now + self.settings.upload_ttl_seconds
-        await asyncio.to_thread(self.part_path(sid).touch)
+        state: mp.MultipartState | None = None
+        if isinstance(store, MultipartStore):
+            part = mp.part_size(self.settings.upload_part_bytes, req.size_bytes)
+            key = source_key(vid)
+            state = mp.MultipartState(
+                req.method, key, await store.create_multipart(key), part, [], _store_config(store)
+            )
+            try:
+                await asyncio.to_thread(mp.save_state, self.dir, sid, state)
+                if req.method == mp.METHOD_TUS:
+                    await asyncio.to_thread(mp.settle_buffer, self.dir, sid, 0)
+                await self._insert(req, owner_key_id, vid, sid, now, expires, meta)
+            except BaseException:
+                await _abort(state, store)
+                await asyncio.to_thread(remove_files, self.dir, sid)
+                raise
+        else:
+            await asyncio.to_thread(self.part_path(sid).touch)
+            await self._insert(req, owner_key_id, vid, sid, now, expires, meta)
+        if state is None:
+            return Created(vid, sid, expires)
+        urls: tuple[str, ...] = ()
+        if req.method == mp.METHOD_S3 and isinstance(store, MultipartStore):
+            ttl = max(60, min(mp.MAX_PRESIGN_SECONDS, int(expires - now)))
+            count = mp.part_count(req.size_bytes, state.part_size)
+            urls = tuple(
+                [await store.presign_part(state.key, state.upload_id, n, ttl)
+                 for n in range(1, count + 1)]
+            )  # fmt: skip
+        return Created(vid, sid, expires, state.part_size, urls)
+
+    async def _insert(
+        self,
+        req: UploadRequest,
+        owner_key_id: str | None,
+        vid: str,
+        sid: str,
+        now: float,
+        expires: float,
+        meta: dict[str, str],
+    ) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
                 videos.insert().values(
@@ -378,7 +472,6 @@ class Uploads:
                 )
             )
             await append_event(conn, "video.created", vid, {"title": req.title}, now)
-        return Created(vid, sid, expires)
 
     async def session(
         self, session_id: str, now: float, principal: Principal | None = None
@@ -404,6 +497,12 @@ class Uploads:
         (rule 4), in which case the offset is moved back to what `.part` holds."""
         if not s.is_open or s.offset == 0:
             return s.offset
+        state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
+        if state is not None:
+            if state.method != mp.METHOD_TUS:
+                return s.offset
+            async with mp.session_flock(self.dir, s.id, self.lock_wait):
+                return await self._s3_settle(s.id, state)
         size = await asyncio.to_thread(_size, self.part_path(s.id))
         if size is not None and size >= s.offset:
             return s.offset
@@ -455,7 +554,17 @@ class Uploads:
                 )
             tp.check_offset(offset, s.offset)
             tp.check_fits(offset, content_length, s.size_bytes)
-            new_offset, interrupted = await self._commit(s, body, content_length, checksum)
+            state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
+            if state is None:
+                new_offset, interrupted = await self._commit(s, body, content_length, checksum)
+            elif state.method == mp.METHOD_TUS:
+                new_offset, interrupted = await self._commit_s3(s, body, content_length, checksum)
+            else:
+                raise ApiError(
+                    UPLOAD_STATE,
+                    "this upload goes straight to S3: PUT its parts to the presigned URLs, "
+                    "then POST /v1/uploads/{id}/complete",
+                )
             completed = False
             if new_offset == s.size_bytes:
                 await self.complete(session_id, now)
@@ -472,10 +581,140 @@ class Uploads:
         checksum: tp.Checksum | None,
     ) -> tuple[int, bool]:
         """Stage the body, then CAS the offset; returns (offset after, body interrupted)."""
+        stage, written, interrupted = await self._stage_body(s, body, content_length, checksum)
+        committed = False
+        try:
+            if written == 0:
+                return s.offset, interrupted
+            new_offset = s.offset + written
+            try:
+                await asyncio.to_thread(os.utime, stage)  # fresh: a commit is under way (rule 4)
+            except FileNotFoundError:
+                # termination or expiry removed the session's files while the body arrived
+                await self.session(s.id, time.time())  # 404 / 410
+                raise ApiError(UPLOAD_STATE, "the staged body was removed; retry") from None
+            await self._cas_offset(s, new_offset)
+            try:
+                await asyncio.to_thread(os.replace, stage, chunk_path(self.dir, s.id, s.offset))
+            except FileNotFoundError:
+                raise ApiError(NOT_FOUND, "the upload was terminated meanwhile") from None
+            committed = True
+            if await asyncio.to_thread(compact, self.dir, s.id) is None:
+                raise ApiError(NOT_FOUND, "the upload was terminated meanwhile")
+            return new_offset, interrupted
+        finally:
+            if not committed:
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(stage.unlink, missing_ok=True)
+
+    async def _cas_offset(self, s: Session, new_offset: int) -> None:
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(upload_sessions)
+                .where(
+                    upload_sessions.c.id == s.id,
+                    upload_sessions.c.offset == s.offset,
+                    upload_sessions.c.status == OPEN,
+                    upload_sessions.c.expires_at > time.time(),
+                )
+                .values(offset=new_offset)
+            )
+        if res.rowcount != 1:
+            # Another PATCH (maybe in another process) moved the offset first, or the
+            # upload was terminated or expired meanwhile: 404/410, else 409.
+            current = await self.session(s.id, time.time())
+            raise tp.offset_mismatch(s.offset, current.offset)
+
+    async def _commit_s3(
+        self,
+        s: Session,
+        body: AsyncIterator[bytes],
+        content_length: int | None,
+        checksum: tp.Checksum | None,
+    ) -> tuple[int, bool]:
+        """tus on S3 (rule 8): stage and check the body as `_commit` does, then under the
+        session's file lock CAS the offset, append to the buffer and upload whole parts."""
+        stage, written, interrupted = await self._stage_body(s, body, content_length, checksum)
+        try:
+            if written == 0:
+                return s.offset, interrupted
+            async with mp.session_flock(self.dir, s.id, self.lock_wait):
+                state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
+                if state is None:  # terminated or expired while the body arrived
+                    await self.session(s.id, time.time())
+                    raise ApiError(NOT_FOUND, "the upload was terminated meanwhile")
+                await self._s3_settle(s.id, state)
+                new_offset = s.offset + written
+                await self._cas_offset(s, new_offset)
+                buf = mp.buffer_path(self.dir, s.id, state.base)
+                await asyncio.to_thread(mp.append_at, buf, stage, s.offset - state.base)
+                await self._flush_parts(s.id, state, final=False)
+            return new_offset, interrupted
+        finally:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(stage.unlink, missing_ok=True)
+
+    async def _s3_settle(self, session_id: str, state: mp.MultipartState) -> int:
+        """Under the session's file lock: repair the buffer, and move a database offset that
+        is ahead of what S3 and the buffer hold back to it. Returns the resumable offset."""
+        length = await asyncio.to_thread(mp.settle_buffer, self.dir, session_id, state.base)
+        stored = state.base + length
+        s = await load_session(self.engine, session_id)
+        if s is None or not s.is_open or s.offset == stored:
+            return stored if s is None or s.is_open else s.offset
+        if s.offset < stored and s.offset >= state.base:
+            # bytes in the buffer past the offset: a commit that never moved it; drop them
+            buf = mp.buffer_path(self.dir, session_id, state.base)
+            await asyncio.to_thread(os.truncate, buf, s.offset - state.base)
+            return s.offset
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(upload_sessions)
+                .where(
+                    upload_sessions.c.id == s.id,
+                    upload_sessions.c.offset == s.offset,
+                    upload_sessions.c.status == OPEN,
+                )
+                .values(offset=stored)
+            )
+        if res.rowcount == 1:
+            log.warning(
+                "upload %s: offset %d was not what S3 and the buffer hold; moved to %d",
+                s.id, s.offset, stored,
+            )  # fmt: skip
+        return stored
+
+    async def _flush_parts(self, session_id: str, state: mp.MultipartState, *, final: bool) -> None:
+        """Upload whole parts from the buffer (and, when `final`, the remainder as the last
+        part), recording each in the state file before the buffer is cut."""
+        store = self.store
+        assert isinstance(store, MultipartStore)
+        while True:
+            buf = mp.buffer_path(self.dir, session_id, state.base)
+            length = await asyncio.to_thread(_size, buf) or 0
+            if not (length >= state.part_size or (final and length > 0)):
+                return
+            n = min(length, state.part_size)
+            data = await asyncio.to_thread(mp.read_head, buf, n)
+            number = len(state.parts) + 1
+            etag = await store.upload_part(state.key, state.upload_id, number, data)
+            state.parts.append(PartInfo(number, etag, n))
+            await asyncio.to_thread(mp.save_state, self.dir, session_id, state)
+            await asyncio.to_thread(mp.settle_buffer, self.dir, session_id, state.base)
+
+    async def _stage_body(
+        self,
+        s: Session,
+        body: AsyncIterator[bytes],
+        content_length: int | None,
+        checksum: tp.Checksum | None,
+    ) -> tuple[Path, int, bool]:
+        """The body into its own stage file, fsynced, checked against its checksum; returns
+        (stage, bytes written, interrupted). On an error the stage file is gone."""
         remaining = s.size_bytes - s.offset
         stage = stage_path(self.dir, s.id, s.offset)
         hasher = checksum.hasher() if checksum else None
-        written, interrupted, committed = 0, False, False
+        written, interrupted, ok = 0, False, False
         f = await asyncio.to_thread(open, stage, "xb")
         try:
             try:
@@ -499,51 +738,34 @@ class Uploads:
                     )
                 if not checksum.matches(hasher.digest()):
                     raise tp.checksum_mismatch(s.offset)
-            if written == 0:
-                return s.offset, interrupted
-            new_offset = s.offset + written
-            try:
-                await asyncio.to_thread(os.utime, stage)  # fresh: a commit is under way (rule 4)
-            except FileNotFoundError:
-                # termination or expiry removed the session's files while the body arrived
-                await self.session(s.id, time.time())  # 404 / 410
-                raise ApiError(UPLOAD_STATE, "the staged body was removed; retry") from None
-            async with self.engine.begin() as conn:
-                res = await conn.execute(
-                    update(upload_sessions)
-                    .where(
-                        upload_sessions.c.id == s.id,
-                        upload_sessions.c.offset == s.offset,
-                        upload_sessions.c.status == OPEN,
-                        upload_sessions.c.expires_at > time.time(),
-                    )
-                    .values(offset=new_offset)
-                )
-            if res.rowcount != 1:
-                # Another PATCH (maybe in another process) moved the offset first, or the
-                # upload was terminated or expired meanwhile: 404/410, else 409.
-                current = await self.session(s.id, time.time())
-                raise tp.offset_mismatch(s.offset, current.offset)
-            try:
-                await asyncio.to_thread(os.replace, stage, chunk_path(self.dir, s.id, s.offset))
-            except FileNotFoundError:
-                raise ApiError(NOT_FOUND, "the upload was terminated meanwhile") from None
-            committed = True
-            if await asyncio.to_thread(compact, self.dir, s.id) is None:
-                raise ApiError(NOT_FOUND, "the upload was terminated meanwhile")
-            return new_offset, interrupted
+            ok = True
+            return stage, written, interrupted
         finally:
-            if not committed:
+            if not ok:
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(stage.unlink, missing_ok=True)
 
-    async def complete(self, session_id: str, now: float) -> tuple[str, str]:
+    async def complete(
+        self, session_id: str, now: float, req: mp.CompleteRequest | None = None
+    ) -> tuple[str, str]:
         """Idempotent (rule 5): a repeat returns the same video and its current state."""
+        req = req or mp.CompleteRequest(None, None)
         s = await self.session(session_id, now)
         if s.status == COMPLETE:
             return s.video_id, await self._video_state(s.video_id)
+        state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
+        if state is not None and state.method == mp.METHOD_S3:
+            return await self._complete_direct(s, state, req, now)
+        if req.parts is not None:
+            raise ApiError(
+                VALIDATION,
+                "parts: only a direct-to-S3 (s3-multipart) upload is completed with parts",
+                extra={"field": "parts"},
+            )
         if s.offset != s.size_bytes:
             raise _incomplete(s.offset, s.size_bytes)
+        if state is not None:
+            return await self._complete_tus_s3(s, req, now)
         offset = await self.settled_offset(s)
         if offset != s.size_bytes:
             raise _incomplete(offset, s.size_bytes)
@@ -562,9 +784,118 @@ class Uploads:
         except FileNotFoundError:
             return await self._completed_meanwhile(session_id, now)
         try:
-            await self.store.put_file(source_key(s.video_id), link, move=True)
+            info = await self.store.put_file(source_key(s.video_id), link, move=True)
         finally:
             await asyncio.to_thread(link.unlink, missing_ok=True)
+        return await self._verify_and_finish(s, info, req.sha256, now)
+
+    async def _complete_direct(
+        self, s: Session, state: mp.MultipartState, req: mp.CompleteRequest, now: float
+    ) -> tuple[str, str]:
+        """Direct-to-S3 (multipart rules 2-4): check the parts, against S3 too, complete."""
+        if req.parts is None:
+            raise ApiError(
+                VALIDATION,
+                "parts: a direct-to-S3 upload is completed with {parts: [{partNumber, etag}]}",
+                extra={"field": "parts"},
+            )
+        mp.check_parts(req.parts, mp.part_count(s.size_bytes, state.part_size))
+        store = self.store
+        assert isinstance(store, MultipartStore)
+        async with mp.session_flock(self.dir, s.id, self.lock_wait):
+            try:
+                held = await store.list_parts(state.key, state.upload_id)
+            except MultipartError as e:
+                if e.code != "NoSuchUpload":
+                    raise
+                return await self._already_in_store(s, state, req, now)
+            mp.check_against_store(req.parts, held, s.size_bytes)
+            info = await self._complete_in_store(s, state, req, req.parts, now)
+            if isinstance(info, tuple):
+                return info
+            return await self._verify_and_finish(s, info, req.sha256, now)
+
+    async def _complete_tus_s3(
+        self, s: Session, req: mp.CompleteRequest, now: float
+    ) -> tuple[str, str]:
+        """tus on S3 (multipart rule "tus on S3"): the remainder as the last part, then
+        CompleteMultipartUpload into the source key."""
+        async with mp.session_flock(self.dir, s.id, self.lock_wait):
+            state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
+            if state is None:  # completed or abandoned by someone else meanwhile
+                return await self._completed_meanwhile(s.id, now)
+            stored = await self._s3_settle(s.id, state)
+            if stored != s.size_bytes:
+                raise _incomplete(stored, s.size_bytes)
+            await self._flush_parts(s.id, state, final=True)
+            parts = [(p.number, p.etag) for p in state.parts]
+            info = await self._complete_in_store(s, state, req, parts, now)
+            if isinstance(info, tuple):
+                return info
+            return await self._verify_and_finish(s, info, req.sha256, now)
+
+    async def _complete_in_store(
+        self,
+        s: Session,
+        state: mp.MultipartState,
+        req: mp.CompleteRequest,
+        parts: list[tuple[int, str]],
+        now: float,
+    ) -> ObjectInfo | tuple[str, str]:
+        store = self.store
+        assert isinstance(store, MultipartStore)
+        try:
+            return await store.complete_multipart(state.key, state.upload_id, parts)
+        except MultipartError as e:
+            if e.code == "NoSuchUpload":
+                return await self._already_in_store(s, state, req, now)
+            raise ApiError(
+                VALIDATION,
+                f"S3 refused to complete the upload ({e.code}); upload the parts again and retry",
+                extra={"field": "parts", "s3Code": e.code},
+            ) from None
+
+    async def _already_in_store(
+        self, s: Session, state: mp.MultipartState, req: mp.CompleteRequest, now: float
+    ) -> tuple[str, str]:
+        """The multipart upload is gone: completed by an earlier attempt (whose bookkeeping did
+        not finish) or by a racing one, or aborted."""
+        cur = await self.session(s.id, now)
+        if cur.status == COMPLETE:
+            return cur.video_id, await self._video_state(cur.video_id)
+        try:
+            info = await self.store.stat(state.key)
+        except KeyError:
+            raise ApiError(UPLOAD_STATE, "the upload's data is missing; upload it again") from None
+        return await self._verify_and_finish(s, info, req.sha256, now)
+
+    async def _verify_and_finish(
+        self, s: Session, info: ObjectInfo, sha256: bytes | None, now: float
+    ) -> tuple[str, str]:
+        """The stored source must have the declared size (and `sha256`, when given); else it is
+        deleted, the session abandoned, and the answer a 422."""
+        why = None
+        if info.size != s.size_bytes:
+            why = f"the stored object has {info.size} bytes, not the declared {s.size_bytes}"
+        elif sha256 is not None:
+            h = hashlib.sha256()
+            async for data in self.store.open_range(info.key, chunk=1024 * 1024):
+                h.update(data)
+            if h.digest() != sha256:
+                why = "the stored object does not match sha256"
+        if why is not None:
+            await self.store.delete(info.key)
+            await abandon(self.engine, self.dir, s.id, "rejected", now, expired_only=False,
+                          store=self.store)  # fmt: skip
+            raise ApiError(
+                VALIDATION, f"{why}; the upload was discarded: start a new one",
+                extra={"videoId": s.video_id},
+            )  # fmt: skip
+        return await self._finish(s, now)
+
+    async def _finish(self, s: Session, now: float) -> tuple[str, str]:
+        """The source is stored: session complete, video UPLOADED, transcode job queued."""
+        session_id = s.id
         async with self.engine.begin() as conn:
             res = await conn.execute(
                 update(upload_sessions)
@@ -606,7 +937,7 @@ class Uploads:
                 extra={"videoId": s.video_id},
             )
         if not await abandon(self.engine, self.dir, session_id, "terminated", now,
-                             expired_only=False):  # fmt: skip
+                             expired_only=False, store=self.store):  # fmt: skip
             s = await self.session(session_id, now)  # 404 if someone else removed it
             if not s.is_open:
                 raise ApiError(UPLOAD_STATE, "the upload completed meanwhile")

@@ -4,7 +4,9 @@ value or raises `ApiError(VALIDATION)` naming the field, so bad input is a clear
 Text fields: strings only; leading and trailing whitespace is stripped and nothing else is
 touched (no Unicode normalisation: a title comes back exactly as sent); at most `MAX_TITLE` /
 `MAX_DESCRIPTION` characters (code points); no NUL (PostgreSQL text cannot hold it). A title
-must not be empty; a description may be. `visibility` is one of `VISIBILITIES`.
+must not be empty; a description may be. `visibility` is one of `VISIBILITIES`. An upload's
+`method` is `tus` (the default: bytes go to the tus resource) or `s3-multipart` (presigned part
+URLs straight to the S3 object store, see `control/multipart.py`).
 
 A metadata change (`video_patch`) names only `PATCH_FIELDS`: an unknown field is refused rather
 than ignored (a typo must not look like success), and so is an empty change."""
@@ -21,6 +23,7 @@ from vodcore.errors import BAD_JSON, TOO_LARGE, VALIDATION, ApiError
 VISIBILITIES = ("public", "unlisted", "private")
 MAX_TITLE = 300
 MAX_DESCRIPTION = 5000
+UPLOAD_METHODS = ("tus", "s3-multipart")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,7 @@ class UploadRequest:
     visibility: str
     content_type: str | None
     size_bytes: int
+    method: str = "tus"
 
 
 def decode_json(body: bytes) -> Any:
@@ -77,7 +81,10 @@ def upload_request(doc: Any, max_bytes: int) -> UploadRequest:
         raise _field_error("sizeBytes", "must be a positive integer")
     if size > max_bytes:
         raise ApiError(TOO_LARGE, f"sizeBytes exceeds the maximum of {max_bytes} bytes")
-    return UploadRequest(title, description, visibility, ctype, size)
+    method = doc.get("method", "tus")
+    if method not in UPLOAD_METHODS:
+        raise _field_error("method", f"must be one of {', '.join(UPLOAD_METHODS)}")
+    return UploadRequest(title, description, visibility, ctype, size, method)
 
 
 PATCH_FIELDS = ("title", "description", "visibility")

@@ -75,7 +75,9 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 async def client(
     engine: AsyncEngine, db_url: str, tmp_path: Path, aiohttp_client: Client
 ) -> TestClient[Any, Any]:
-    app = make_app(Settings(data_dir=tmp_path / "var", database_url=db_url))
+    # the tests drive the indexer step by step: no background one in the app
+    settings = Settings(data_dir=tmp_path / "var", database_url=db_url, search_indexer=False)
+    app = make_app(settings)
     return await aiohttp_client(app)
 
 
@@ -368,7 +370,9 @@ async def test_cursor_pagination_and_popularity(
 async def test_the_indexer_task_follows_and_exports_its_lag(
     engine: AsyncEngine, db_url: str, tmp_path: Path, aiohttp_client: Client
 ) -> None:
-    app = make_app(Settings(data_dir=tmp_path / "var", database_url=db_url))
+    # the tests drive the indexer step by step: no background one in the app
+    settings = Settings(data_dir=tmp_path / "var", database_url=db_url, search_indexer=False)
+    app = make_app(settings)
     Search(engine).routes(app)
 
     async def indexer(_app: web.Application) -> AsyncIterator[None]:

@@ -3,7 +3,9 @@
 A small core (tusd's DataStore is the model): `stat`, `open_range`, `put_file`, `put_bytes`,
 `exists`, `list`, `delete`, `move`. Keys are validated by `vodcore.paths.check_key`. A backend
 declares optional capabilities: `local_path` (the filesystem store can hand out a path so the
-origin can sendfile). One module per backend: `fs.py` now, `s3.py` later.
+origin can sendfile), and `MultipartStore` (S3: multipart uploads a client can write to directly
+through presigned part URLs, or the control plane part by part; see `control/multipart.py`).
+One module per backend: `fs.py`, `s3.py`.
 
 Writes are atomic: an object is either absent or whole (written to a temporary name, then
 renamed), never half-written. `move` (takedowns move a video's objects to a restricted prefix
@@ -60,3 +62,45 @@ class ObjectStore(Protocol):
 
     def local_path(self, key: str) -> Path | None:
         """Capability: a path on this machine for sendfile, or None."""
+
+
+class MultipartError(Exception):
+    """A multipart call the backend refused: `code` is the backend's error code (S3's
+    `InvalidPart`, `InvalidPartOrder`, `EntityTooSmall`, `NoSuchUpload`, …)."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class PartInfo:
+    number: int
+    etag: str  # quoted, as the backend returns it
+    size: int
+
+
+@runtime_checkable
+class MultipartStore(Protocol):
+    """Capability: multipart uploads (S3's API). An object appears only when `complete_multipart`
+    succeeds; `abort_multipart` frees the parts (and is harmless on an unknown upload)."""
+
+    async def create_multipart(self, key: str) -> str:
+        """Start a multipart upload of `key`; returns its upload id."""
+
+    async def presign_part(self, key: str, upload_id: str, number: int, expires_in: int) -> str:
+        """A URL a client can PUT part `number` to (no credentials), valid `expires_in` s."""
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        """Upload one part; returns its ETag (quoted)."""
+
+    async def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
+        """The parts stored so far, by number; raises MultipartError("NoSuchUpload")."""
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> ObjectInfo:
+        """Assemble (number, etag) parts into the object; raises MultipartError."""
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None: ...

@@ -18,6 +18,11 @@ Mapping to the `ObjectStore` contract:
   `CompleteMultipartUpload` succeeds. Files above `MULTIPART_THRESHOLD` go up in parts
   (`PART_SIZE`, S3's minimum part is 5 MiB) and a failed upload is aborted, so no parts are
   left behind to be billed.
+- `MultipartStore` (the capability direct-to-S3 uploads and tus-on-S3 use): CreateMultipartUpload,
+  presigned UploadPart URLs (the client PUTs bytes to S3, never through a vodstack process),
+  UploadPart, ListParts (paginated: up to 10,000 parts), CompleteMultipartUpload and
+  AbortMultipartUpload. S3's refusals come back as `MultipartError(code)`; aborting an upload
+  that is already gone (completed or aborted) is not an error.
 - `move` is CopyObject (server side, no bytes through this process) then DeleteObject. S3 has no
   rename: a crash between the two leaves the object under both keys, and moving it again
   finishes the job. CopyObject takes objects up to 5 GiB, far above any segment or manifest.
@@ -37,7 +42,7 @@ from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import ClientError
 
 from vodcore.paths import check_key
-from vodcore.store import ObjectInfo, ObjectNotFound
+from vodcore.store import MultipartError, ObjectInfo, ObjectNotFound, PartInfo
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024  # >= 5 MiB, S3's minimum for every part but the last
@@ -237,6 +242,70 @@ class S3Store:
             Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=number, Body=data
         )
         return str(r["ETag"])
+
+    # --- MultipartStore ----------------------------------------------------------------------
+    async def create_multipart(self, key: str) -> str:
+        client = await self._c()
+        r = await client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key))
+        return str(r["UploadId"])
+
+    async def presign_part(self, key: str, upload_id: str, number: int, expires_in: int) -> str:
+        client = await self._c()
+        url = await client.generate_presigned_url(
+            "upload_part",
+            Params={
+                "Bucket": self.bucket,
+                "Key": self._k(key),
+                "UploadId": upload_id,
+                "PartNumber": number,
+            },
+            ExpiresIn=expires_in,
+        )
+        return str(url)
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        try:
+            return _quoted(await self._upload_part(self._k(key), upload_id, number, data))
+        except ClientError as e:
+            raise MultipartError(_code(e), str(e)) from None
+
+    async def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
+        client = await self._c()
+        out: list[PartInfo] = []
+        try:
+            async for page in client.get_paginator("list_parts").paginate(
+                Bucket=self.bucket, Key=self._k(key), UploadId=upload_id
+            ):
+                for p in page.get("Parts", ()):
+                    out.append(PartInfo(int(p["PartNumber"]), _quoted(p["ETag"]), int(p["Size"])))
+        except ClientError as e:
+            raise MultipartError(_code(e), str(e)) from None
+        return sorted(out, key=lambda p: p.number)
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> ObjectInfo:
+        client = await self._c()
+        try:
+            await client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self._k(key),
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+            )
+        except ClientError as e:
+            raise MultipartError(_code(e), str(e)) from None
+        return await self.stat(key)
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        client = await self._c()
+        try:
+            await client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._k(key), UploadId=upload_id
+            )
+        except ClientError as e:
+            if _code(e) not in ("NoSuchUpload", "404"):
+                raise
 
     async def list(self, prefix: str) -> list[str]:
         p = prefix.rstrip("/")
