@@ -27,7 +27,9 @@ completes it. Moves of one video are serialised in this process (a per-video loc
 processes moving the same video at once are not coordinated.
 
 Each of the four forgets the video in the negative-lookup cache (`control.negcache`) of this
-process, so this process never answers from a state it has just changed.
+process and invalidates it in the metadata cache (`control.metacache`: this process's memory
+and Redis), so this process never answers from a state it has just changed and other control
+processes answer from the new one within the metadata cache's local TTL (1 s).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control.auth import Principal, authenticate
+from control.metacache import METACACHE_KEY, MetaCache
 from control.negcache import NegativeCache
 from control.purges import Purges
 from control.validation import decode_json
@@ -72,12 +75,17 @@ def _reason(raw: bytes, query: str | None, *, required: bool) -> str | None:
 
 class Moderation:
     def __init__(
-        self, purges: Purges, store: ObjectStore, negative: NegativeCache | None = None
+        self,
+        purges: Purges,
+        store: ObjectStore,
+        negative: NegativeCache | None = None,
+        meta: MetaCache | None = None,
     ) -> None:
         self.purges = purges
         self.engine = purges.engine
         self.store = store
         self.negative = negative if negative is not None else NegativeCache()
+        self.meta = meta  # None: the app's (`METACACHE_KEY`, set by `Videos.routes`), if any
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     def routes(self, app: web.Application) -> None:
@@ -88,6 +96,13 @@ class Moderation:
         app.router.add_get("/v1/cutoffs", self.cutoffs)
 
     # --- shared steps --------------------------------------------------------------------------
+
+    async def _forget(self, request: web.Request, vid: str) -> None:
+        """After a committed change of the video's state: drop what the caches remember."""
+        self.negative.forget(vid)
+        meta = self.meta if self.meta is not None else request.app.get(METACACHE_KEY)
+        if meta is not None:
+            await meta.invalidate(vid)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, vid: str) -> AsyncIterator[None]:
@@ -177,7 +192,7 @@ class Moderation:
                 conn, "video", (vid,), False, principal.key_id, now, action=action, cutoff=now
             )
         self.purges.published(entry)
-        self.negative.forget(vid)
+        await self._forget(request, vid)
         return vid, state, entry
 
     async def _settle(self, vid: str, deleted: bool) -> int:
@@ -230,7 +245,7 @@ class Moderation:
                 conn, "video", (vid,), False, principal.key_id, now, action="unblock"
             )
         self.purges.published(entry)
-        self.negative.forget(vid)
+        await self._forget(request, vid)
         return web.json_response(
             {"videoId": vid, "state": restored.value, "purgeId": entry.id, "seq": entry.seq}
         )
@@ -291,7 +306,7 @@ class Moderation:
                     conn, "video", (vid,), False, principal.key_id, now, action="restore"
                 )
             self.purges.published(entry)
-            self.negative.forget(vid)
+            await self._forget(request, vid)
         return web.json_response(
             {
                 "videoId": vid,

@@ -7,9 +7,14 @@ URLs only when the video is READY (DESIGN.md): 409 with the state before that, 4
 blocked, 410 deleted. URLs carry the token in the path so relative manifest URLs keep it:
 `{edge}/v/{videoId}/{token}/{version}/master.m3u8`.
 
-Negative answers (unknown, blocked, deleted) are remembered for `negcache.TTL_SECONDS` in this
-process (`control.negcache`), so a player hammering a taken-down video costs no database read;
-moderation forgets the video's entry when it changes its state.
+Rows come from a read-through cache (`control.metacache`: this process's memory, then Redis
+when configured, then the database), READY rows and negative answers (unknown, blocked,
+deleted) alike, so a hot video, or a player hammering a taken-down one, costs no database
+read; PATCH and moderation invalidate the video's entry when they change it (staleness bounds
+for changes made elsewhere, e.g. the transcoder's publish, are in `control.metacache`). The
+cached row carries the video's revocation cutoff, so playback reads nothing else; tokens are
+minted once per video, second and signing key (Ed25519 is deterministic, so a second mint
+would give the same bytes anyway).
 
 Visibility (issue 6: "private and unlisted videos are never in search and get playback tokens
 only for their owner or operator"); the owner is the key that created the video, and operators
@@ -29,7 +34,7 @@ deleted videos are refused as by GET (451, 410). In one transaction it re-reads 
 UPDATE on PostgreSQL), updates the fields whose values differ and appends a `video.updated`
 event whose payload is exactly those fields with their new values (the search indexer follows
 it); a change to the same values writes nothing. Answers 200 with the video. The video is then
-forgotten in the negative cache, as moderation does.
+invalidated in the metadata cache, as moderation does.
 
 `GET /v1/me/videos?limit=&cursor=` (any key): the caller's own videos, newest first, cursor
 paginated (`control.listing`): `{results: [video…], nextCursor}`.
@@ -39,22 +44,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from aiohttp import web
 from sqlalchemy import select, update
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control.auth import Principal, authenticate, may_manage, optional_principal
 from control.engagement import counters, counters_many
 from control.ids import is_id
 from control.listing import owner_page, page_query
+from control.metacache import METACACHE_KEY, MetaCache
 from control.negcache import MISSING, NegativeCache
 from control.validation import decode_json, video_patch
 from vodcore.config import Settings
-from vodcore.db.schema import video_cutoffs, videos
+from vodcore.db.schema import videos
 from vodcore.db.videos import append_event, get_video
 from vodcore.errors import (
     BLOCKED,
@@ -68,6 +75,8 @@ from vodcore.errors import (
 from vodcore.lifecycle import State
 from vodcore.tokens import SigningKeys
 
+VideoRow = Mapping[Any, Any]  # a database row or the metadata cache's dict of one
+
 
 def iso(ts: float | None) -> str | None:
     if ts is None:
@@ -75,7 +84,7 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-def video_json(v: RowMapping, views: int = 0, likes: int = 0) -> dict[str, Any]:
+def video_json(v: VideoRow, views: int = 0, likes: int = 0) -> dict[str, Any]:
     return {
         "videoId": v["id"],
         "title": v["title"],
@@ -130,6 +139,16 @@ def refusal(state: str) -> ApiError | None:
     return None
 
 
+def _json(body: Any, headers: dict[str, str]) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), content_type="application/json", charset="utf-8", headers=headers
+    )
+
+
+NO_STORE = {"Cache-Control": "no-store"}
+PRIVATE_NO_STORE = {"Cache-Control": "private, no-store"}
+
+
 class Videos:
     def __init__(
         self,
@@ -137,39 +156,42 @@ class Videos:
         engine: AsyncEngine,
         keys: SigningKeys,
         negative: NegativeCache | None = None,
+        meta: MetaCache | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.keys = keys
+        # Kept for callers that still share one with moderation; the metadata cache now holds
+        # the negative answers too.
         self.negative = negative if negative is not None else NegativeCache()
+        self.meta = meta if meta is not None else MetaCache.from_settings(settings, engine)
+        self._tokens: dict[tuple[str, int, str], tuple[str, str | None]] = {}
+        self._tokens_at = 0  # the second `_tokens` was minted in
 
     def routes(self, app: web.Application) -> None:
+        # Moderation finds the cache here when it is not handed one (control.moderation).
+        if METACACHE_KEY not in app:
+            app[METACACHE_KEY] = self.meta
+        app.on_cleanup.append(self.meta.close)
         app.router.add_get("/v1/videos/{id}", self.get)
         app.router.add_patch("/v1/videos/{id}", self.patch)
         app.router.add_get("/v1/videos/{id}/playback", self.playback)
         app.router.add_get("/v1/me/videos", self.mine)
         app.router.add_get("/v1/keys/jwks.json", self.jwks)
 
-    async def _load(self, video_id: str) -> RowMapping:
-        """The video, unless it is unknown, blocked or deleted (404, 451, 410; remembered)."""
+    async def _load(self, video_id: str) -> VideoRow:
+        """The video (its cached row, with its "cutoff"), unless it is unknown, blocked or
+        deleted (404, 451, 410)."""
         if not is_id(video_id, "vid"):
             raise ApiError(NOT_FOUND, "no such video")
-        neg = self.negative
-        known = neg.get(video_id, time.monotonic())
-        if known is not None and (err := refusal(known)) is not None:
+        v = await self.meta.get(video_id)
+        if v is None:
+            raise ApiError(NOT_FOUND, "no such video")
+        if v["state"] != "READY" and (err := refusal(v["state"])) is not None:
             raise err
-        epoch = neg.epoch  # before the read: an invalidation meanwhile keeps it out
-        async with self.engine.connect() as conn:
-            v = await get_video(conn, video_id)
-        state = MISSING if v is None else str(v["state"])
-        err = refusal(state)
-        if err is not None:
-            neg.put(video_id, state, time.monotonic(), epoch)
-            raise err
-        assert v is not None
         return v
 
-    async def _viewer(self, request: web.Request, v: RowMapping, *, play: bool) -> None:
+    async def _viewer(self, request: web.Request, v: VideoRow, *, play: bool) -> None:
         """Refuse a caller who may not see (or, with `play`, play) a non-public video."""
         visibility = v["visibility"]
         if visibility == "public":
@@ -198,7 +220,7 @@ class Videos:
         await self._viewer(request, v, play=False)
         async with self.engine.connect() as conn:
             views, likes = await counters(conn, v["id"])
-        return web.json_response(video_json(v, views, likes), headers={"Cache-Control": "no-store"})
+        return _json(video_json(v, views, likes), NO_STORE)
 
     async def patch(self, request: web.Request) -> web.Response:
         principal = await authenticate(self.engine, request)
@@ -227,10 +249,11 @@ class Videos:
                 assert v is not None
             views, likes = await counters(conn, video_id)
         self.negative.forget(video_id)
-        return web.json_response(video_json(v, views, likes), headers={"Cache-Control": "no-store"})
+        await self.meta.invalidate(video_id)
+        return _json(video_json(v, views, likes), NO_STORE)
 
     @staticmethod
-    def _may_edit(principal: Principal, v: RowMapping) -> None:
+    def _may_edit(principal: Principal, v: VideoRow) -> None:
         if may_manage(principal, v["owner_key_id"]):
             return
         if v["visibility"] == "private":
@@ -243,33 +266,21 @@ class Videos:
         async with self.engine.connect() as conn:
             page, nxt = await owner_page(conn, principal.key_id, limit, after)
             counts = await counters_many(conn, [v["id"] for v in page])
-        return web.json_response(
+        return _json(
             {"results": [video_json(v, *counts[v["id"]]) for v in page], "nextCursor": nxt},
-            headers={"Cache-Control": "private, no-store"},
+            PRIVATE_NO_STORE,
         )
 
     async def playback(self, request: web.Request) -> web.Response:
         v = await self._load(request.match_info["id"])
         await self._viewer(request, v, play=True)
-        state = State(v["state"])
-        if state is not State.READY or v["current_version"] is None:
-            raise ApiError(
-                NOT_READY, f"the video is {state.value}, not READY", extra={"state": state.value}
-            )
-        now = int(time.time())
-        ttl = self.settings.token_ttl_seconds
-        async with self.engine.connect() as conn:
-            cutoff = (
-                await conn.execute(
-                    select(video_cutoffs.c.cutoff).where(video_cutoffs.c.video_id == v["id"])
-                )
-            ).scalar_one_or_none()
-        # A token issued in the second of a takedown would read as older than its cutoff.
-        issued = max(now, math.ceil(cutoff)) if cutoff is not None else now
-        token = self.keys.mint(v["id"], issued, ttl + issued - now)
+        state = v["state"]
+        if state != "READY" or v["current_version"] is None:
+            raise ApiError(NOT_READY, f"the video is {state}, not READY", extra={"state": state})
+        token, expires = self._token(v["id"], v["cutoff"])
         body = {
             "videoId": v["id"],
-            "state": state.value,
+            "state": state,
             **playback_urls(
                 self.settings.edge_url,
                 v["id"],
@@ -278,9 +289,26 @@ class Videos:
                 v["thumbnails"],
             ),
             "durationSeconds": v["duration_seconds"],
-            "expiresAt": iso(now + ttl),
+            "expiresAt": expires,
         }
-        return web.json_response(body, headers={"Cache-Control": "private, no-store"})
+        return _json(body, PRIVATE_NO_STORE)
+
+    def _token(self, video_id: str, cutoff: float | None) -> tuple[str, str | None]:
+        """A playback token for the video and its expiry; the same for every request of one
+        second (the claims are whole seconds), so it is minted once per video and second."""
+        now = int(time.time())
+        if now != self._tokens_at or len(self._tokens) >= 10_000:
+            self._tokens.clear()
+            self._tokens_at = now
+        # A token issued in the second of a takedown would read as older than its cutoff.
+        issued = max(now, math.ceil(cutoff)) if cutoff is not None else now
+        key = (video_id, issued, self.keys.current_kid)
+        hit = self._tokens.get(key)
+        if hit is None:
+            ttl = self.settings.token_ttl_seconds
+            hit = (self.keys.mint(video_id, issued, ttl + issued - now), iso(now + ttl))
+            self._tokens[key] = hit
+        return hit
 
     async def jwks(self, _request: web.Request) -> web.Response:
         # Public keys only; edges cache them. Short max-age so rotation propagates quickly.
