@@ -1,0 +1,189 @@
+"""Playback-event ingest (issue 6: "goal ≥ 20,000 playback events/s accepted (batched), counters
+converging within 2 s").
+
+    .venv/bin/python bench/event_ingest.py [--seconds 10] [--batch 500] [--conns 8]
+        [--procs 1] [--backends sqlite,pg,sqlite-redis,pg-redis] [--converge-timeout 120]
+
+For each backend: a fresh `vod control` (rate limits off) with one READY public video, then an
+asyncio client (aiohttp, `--conns` connections, in this process) POSTs `{events: [...]}`
+batches to /v1/playback-events for `--seconds`. A batch holds `batch / per-session` playback
+sessions of `--per-session` events each (start at 0 s, then heartbeats up to 12 s of position
+and of wall time), so every session passes the 10 s view rule exactly once: the expected
+viewCount is known. Bodies are built from one template (the session ids differ per request),
+so the client spends little CPU; it shares the 2 cores with the server anyway.
+
+Reported: events/s accepted (the sum of `accepted` in the 202 answers over the time from the
+first request to the last answer), request latency, then the convergence: how long after the
+last 202 until GET /v1/videos/{id} shows the expected viewCount (polled every 50 ms, bounded
+by `--converge-timeout`), and the aggregator's drain rate (events/s) over the whole run.
+Backends: `sqlite`/`pg`: the embedded path (INSERT into playback_events, aggregator follows
+the table; PostgreSQL waits settle_seconds=2 s before taking a row); `*-redis`: XADD to the
+Redis stream (db 12), aggregator = consumer group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import harness as h
+import orjson
+import playback_auth as pa
+
+GOAL_EPS = 20_000.0
+GOAL_CONVERGE_S = 2.0
+PLACEHOLDER = b"QQQQQQQQQQ"
+T0 = 1_714_564_800.0
+
+
+def template(batch: int, per_session: int, video: str) -> bytes:
+    """One request body; PLACEHOLDER (in every session and event id) makes it unique."""
+    events: list[dict[str, Any]] = []
+    sessions = batch // per_session
+    step = 12.0 / (per_session - 1)
+    for s in range(sessions):
+        sid = f"{PLACEHOLDER.decode()}-{s}"
+        for k in range(per_session):
+            t = k * step
+            events.append({
+                "eventId": f"{sid}-{k}", "videoId": video, "sessionId": sid,
+                "eventType": "start" if k == 0 else "heartbeat",
+                "positionSeconds": t, "occurredAt": T0 + t,
+            })  # fmt: skip
+    return orjson.dumps({"events": events})
+
+
+@dataclass
+class Load:
+    accepted: int = 0
+    requests: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    first: float = 0.0
+    last: float = 0.0
+
+
+async def post_load(url: str, body: bytes, seconds: float, conns: int, start_no: int) -> Load:
+    load = Load()
+    counter = [start_no]
+    conn = aiohttp.TCPConnector(limit=conns)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=conn) as http:
+        load.first = time.monotonic()
+        deadline = load.first + seconds
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                counter[0] += 1
+                data = body.replace(PLACEHOLDER, b"%010d" % counter[0])
+                t = time.monotonic()
+                async with http.post(url, data=data, headers=headers) as resp:
+                    doc = await resp.read()
+                    now = time.monotonic()
+                    if resp.status == 202:
+                        load.accepted += orjson.loads(doc)["accepted"]
+                        load.requests += 1
+                        load.latencies.append((now - t) * 1000)
+                    else:
+                        load.errors += 1
+                        if load.errors <= 3:
+                            print(f"POST {resp.status}: {doc[:200]!r}", file=sys.stderr)
+                    load.last = max(load.last, now)
+
+        await asyncio.gather(*(worker() for _ in range(conns)))
+    return load
+
+
+def view_count(ctl: pa.ControlUnderTest) -> int:
+    status, _hd, body = h.get(f"{ctl.url}/v1/videos/{pa.VIDEO}")
+    if status != 200:
+        raise h.BenchError(f"GET video: {status} {body[:200]!r}")
+    return int(orjson.loads(body)["viewCount"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--per-session", type=int, default=5)
+    ap.add_argument("--conns", type=int, default=8)
+    ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--backends", default="sqlite,pg,sqlite-redis,pg-redis")
+    ap.add_argument("--converge-timeout", type=float, default=120)
+    ap.add_argument("--access-log", choices=("on", "off"), default="on")
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    if a.batch % a.per_session or a.per_session < 2:
+        ap.error("--batch must be a multiple of --per-session (≥ 2)")
+    sessions_per_batch = a.batch // a.per_session
+    command = "bench/event_ingest.py " + " ".join(sys.argv[1:])
+    started = time.time()
+    rows = []
+    body = template(a.batch, a.per_session, pa.VIDEO)
+    with h.fleet_or_exit(keep=a.keep) as fleet:
+        for name in a.backends.split(","):
+            b = pa.BACKENDS[name]
+            ctl = pa.start_controls(
+                fleet, f"{name}-x{a.procs}", b, procs=a.procs,
+                access_log=a.access_log == "on", prepare=pa.insert_ready_video,
+            )  # fmt: skip
+            url = f"{ctl.url}/v1/playback-events"
+            warm = asyncio.run(post_load(url, body, 0.5, 2, 0))  # connections, JIT-free warm-up
+            load = asyncio.run(post_load(url, body, a.seconds, a.conns, 10**8))
+            expected = (warm.requests + load.requests) * sessions_per_batch
+            end_of_posts = time.monotonic()
+            at_end = view_count(ctl)
+            converged: float | None = None
+            seen = at_end
+            while time.monotonic() - end_of_posts < a.converge_timeout:
+                seen = view_count(ctl)
+                if seen >= expected:
+                    converged = time.monotonic() - load.last
+                    break
+                time.sleep(0.05)
+            drain_until = load.last + (converged if converged is not None else a.converge_timeout)
+            total_events = (warm.requests + load.requests) * a.batch
+            drain_eps = total_events / (drain_until - warm.first)
+            if seen > expected:
+                raise h.BenchError(f"{name}: viewCount {seen} > expected {expected}")
+            eps = load.accepted / (load.last - load.first)
+            conv = f"{converged:.2f}" if converged is not None else f"> {a.converge_timeout:g}"
+            print(f"{name:12} {eps:10,.0f} events/s accepted, {load.errors} errors, "
+                  f"views {at_end}/{expected} at the last 202, converged after {conv} s",
+                  flush=True)  # fmt: skip
+            met_eps = eps >= GOAL_EPS and load.errors == 0
+            met_conv = converged is not None and converged <= GOAL_CONVERGE_S
+            rows.append([
+                name, a.procs, f"{load.requests:,}", f"{eps:,.0f}", h.ratio(eps, GOAL_EPS),
+                f"{h.percentile(load.latencies, 50):.1f}",
+                f"{h.percentile(load.latencies, 99):.1f}", load.errors,
+                f"{at_end:,} / {expected:,}", conv, f"{drain_eps:,.0f}",
+                "met" if met_eps else "NOT met", "met" if met_conv else "NOT met",
+            ])  # fmt: skip
+            for p in ctl.procs:
+                fleet.stop(p)
+            if b.redis:
+                pa.flush_redis()
+    h.banner(
+        f"Playback-event ingest: POST /v1/playback-events, {a.batch} events per request "
+        f"({sessions_per_batch} sessions x {a.per_session} events), {a.conns} connections, "
+        f"{a.seconds:g} s, {a.procs} control process(es), access log {a.access_log}, rate "
+        f"limits off ({h.machine()}, {time.strftime('%Y-%m-%d', time.localtime(started))})"
+    )
+    print(f"command: `.venv/bin/python {command.strip()}`\n")
+    print(h.table(
+        ["backend", "procs", "requests", "events/s accepted", "/ goal", "p50 ms", "p99 ms",
+         "errors", "views at last 202 / expected", "converged after s",
+         "aggregator events/s (whole run)", f"goal ≥{GOAL_EPS:,.0f}/s",
+         f"goal ≤{GOAL_CONVERGE_S:g} s"],
+        rows,
+    ))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
