@@ -19,6 +19,7 @@ from control.ids import is_id
 from control.moderation import Moderation
 from control.multipart import complete_request
 from control.negcache import NegativeCache
+from control.openapi import OpenApi
 from control.purges import Purges
 from control.ratelimit import RateLimitConfig
 from control.ratelimit import install as install_rate_limits
@@ -88,10 +89,11 @@ def make_app(settings: Settings) -> web.Application:
         return web.json_response(body, status=201)
 
     async def complete_upload(request: web.Request) -> web.Response:
-        await authenticate(engine, request)
+        principal = await authenticate(engine, request)
         sid = request.match_info["sid"]
         if not is_id(sid, "us"):
             raise ApiError(NOT_FOUND, "no such upload session")
+        await uploads.session(sid, time.time(), principal)  # 404, or 403: another key's
         raw = await request.read()
         req = complete_request(decode_json(raw) if raw.strip() else None)
         async with uploads.lock(sid):
@@ -104,6 +106,7 @@ def make_app(settings: Settings) -> web.Application:
     negative = NegativeCache()  # shared: moderation forgets what it changes
     Videos(settings, engine, keys, negative).routes(app)
     Search(engine).routes(app)
+    OpenApi(settings.max_upload_bytes).routes(app)
     engagement = Engagement(
         engine, redis_url=settings.redis_url, min_watch_seconds=settings.min_watch_seconds
     )

@@ -125,7 +125,7 @@ STREAM_MAXLEN = 1_000_000
 AGGREGATOR_NAME = "playback-views"
 
 _ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
-_CURSOR = re.compile(r"c1\.([1-9][0-9]{0,18})")
+_CURSOR = re.compile(r"c1\.([1-9][0-9]{0,17})")  # < 10**18: fits a 64-bit integer
 
 # --- validation (pure) -----------------------------------------------------------------------
 
@@ -275,7 +275,7 @@ def decode_cursor(cursor: str) -> int:
 def page_limit(value: str | None, default: int = 20, maximum: int = 100) -> int:
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= maximum:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= maximum:
         raise ApiError(BAD_REQUEST, f"limit must be 1..{maximum}", extra={"field": "limit"})
     return int(value)
 
@@ -389,6 +389,9 @@ async def counters_many(
     return out
 
 
+SESSIONS_PER_STATEMENT = 500  # 7 parameters a row: well under SQLite's 32,766
+
+
 async def apply_events(
     conn: AsyncConnection, events: Sequence[PlaybackEvent], now: float, min_watch_seconds: float
 ) -> int:
@@ -407,18 +410,23 @@ async def apply_events(
     lo, hi = (func.least, func.greatest) if pg else (func.min, func.max)
     s = playback_sessions.c
     new_views: dict[str, int] = defaultdict(int)
-    for (video_id, session_id), w in sorted(partial.items()):  # one lock order for all
-        if video_id not in known:
-            continue
-        ins = _insert(conn)(playback_sessions).values(
-            video_id=video_id,
-            session_id=session_id,
-            min_position=w.min_position,
-            max_position=w.max_position,
-            first_at=w.first_at,
-            last_at=w.last_at,
-            updated_at=now,
-        )
+    rows = [
+        {
+            "video_id": video_id,
+            "session_id": session_id,
+            "min_position": w.min_position,
+            "max_position": w.max_position,
+            "first_at": w.first_at,
+            "last_at": w.last_at,
+            "updated_at": now,
+        }
+        for (video_id, session_id), w in sorted(partial.items())  # one lock order for all
+        if video_id in known
+    ]
+    # Two statements per chunk of sessions, whatever its size: one multi-row upsert that
+    # returns the merged state, one multi-row insert of the sessions that now count.
+    for start in range(0, len(rows), SESSIONS_PER_STATEMENT):
+        ins = _insert(conn)(playback_sessions).values(rows[start : start + SESSIONS_PER_STATEMENT])
         ex = ins.excluded
         stmt = ins.on_conflict_do_update(
             index_elements=["video_id", "session_id"],
@@ -429,19 +437,25 @@ async def apply_events(
                 "last_at": hi(s.last_at, ex.last_at),
                 "updated_at": ex.updated_at,
             },
-        ).returning(s.min_position, s.max_position, s.first_at, s.last_at)
-        merged = (await conn.execute(stmt)).one()
-        state = Watch(merged[0], merged[1], merged[2], merged[3])
-        if not state.counts(min_watch_seconds):
+        ).returning(s.video_id, s.session_id, s.min_position, s.max_position, s.first_at, s.last_at)
+        merged = (await conn.execute(stmt)).all()
+        passing = [
+            {"video_id": m.video_id, "session_id": m.session_id, "counted_at": now}
+            for m in merged
+            if Watch(m.min_position, m.max_position, m.first_at, m.last_at).counts(
+                min_watch_seconds
+            )
+        ]
+        if not passing:
             continue
         counted = await conn.execute(
             _insert(conn)(counted_views)
-            .values(video_id=video_id, session_id=session_id, counted_at=now)
+            .values(sorted(passing, key=lambda r: (r["video_id"], r["session_id"])))
             .on_conflict_do_nothing(index_elements=["video_id", "session_id"])
             .returning(counted_views.c.video_id)
         )
-        if counted.first() is not None:
-            new_views[video_id] += 1
+        for r in counted:
+            new_views[r.video_id] += 1
     for video_id in sorted(new_views):
         await _add_counter(conn, video_id, "views", new_views[video_id])
     return sum(new_views.values())

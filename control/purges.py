@@ -198,7 +198,8 @@ class Purges:
         after_s = request.query.get("after", "0")
         node = request.query.get("node", "")
         tier = request.query.get("tier", "")
-        if not after_s.isdigit() or not node or len(node) > 80 or tier not in TIERS:
+        digits = after_s.isascii() and after_s.isdigit() and len(after_s) <= 18  # 64-bit int
+        if not digits or not node or len(node) > 80 or tier not in TIERS:
             raise ApiError(
                 VALIDATION, "after (a number), node and tier (edge|shield|origin) required"
             )
@@ -246,7 +247,7 @@ class Purges:
             not isinstance(node, str) or not node or len(node) > 80
             or tier not in TIERS
             or not isinstance(seqs, list) or not seqs
-            or not all(type(s) is int and s > 0 for s in seqs)
+            or not all(type(s) is int and 0 < s < 2**62 for s in seqs)
         ):  # fmt: skip
             raise ApiError(VALIDATION, "node, tier (edge|shield|origin) and seqs (positive ints)")
         now = time.time()

@@ -34,7 +34,7 @@ KINDS = ("video", "keys", "prefix", "all", "none")  # none: a log entry that pur
 TAKEDOWNS = ("block", "delete")  # void older tokens (cutoff), drop the objects
 LIFTS = ("unblock", "restore")  # lift a takedown: nothing dropped, no cutoff
 ACTIONS = ("purge", "keys", *TAKEDOWNS, *LIFTS)
-_ID = re.compile(r"^[A-Za-z0-9_~.-]{1,80}$")
+_ID = re.compile(r"[A-Za-z0-9_~.-]{1,80}\Z")  # \Z: "$" would admit a trailing newline
 MAX_TARGETS = 100
 
 

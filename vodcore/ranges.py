@@ -29,6 +29,10 @@ class ByteRange:
         return f"bytes {self.start}-{self.end}/{size}"
 
 
+def _digits(s: str) -> bool:
+    return s.isascii() and s.isdigit()
+
+
 def parse_range(header: str | None, size: int) -> ByteRange | None:
     """Return the one range to serve, or None to serve the whole representation.
 
@@ -44,7 +48,8 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         return None  # multiple ranges: serve 200 with the whole body
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses
+    if not dash or not (_digits(first) or first == "") or not (_digits(last) or last == ""):
         return None  # not a byte-range-spec: ignore the header (RFC 9110 §14.2)
     if first == "":
         if last == "":

@@ -101,6 +101,8 @@ RANGE_TABLE = [
     ("bytes=1-+2", None),
     ("bytes=-", None),
     ("bytes=--5", None),
+    ("bytes=\u00b2-5", None),  # "²".isdigit() is True, int("²") fails: not a range
+    ("bytes=0-\u0665", None),  # an Arabic-Indic digit
 ]
 
 
