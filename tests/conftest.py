@@ -8,8 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from vodcore.ffmpeg import ffmpeg_exe
+
+# Property tests check behaviour, not speed: no per-example deadline on shared, busy cores.
+settings.register_profile("vodstack", deadline=None)
+settings.load_profile("vodstack")
 
 
 @pytest.fixture(scope="session")
