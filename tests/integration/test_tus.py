@@ -379,6 +379,17 @@ def test_termination(live: LiveControl) -> None:
     assert requests.delete(url, headers=live.auth(live.new_key("operator"))).status_code == 204
 
 
+def test_only_the_owner_completes_an_upload(live: LiveControl) -> None:
+    url, vid = live.create(5)
+    sid = sid_of(url)
+    complete = f"{live.url}/v1/uploads/{sid}/complete"
+    r = requests.post(complete, headers=live.auth(live.new_key("creator")), timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert patch(url, live.auth(), 0, b"12345").status_code == 204  # the last byte completes
+    r = requests.post(complete, headers=live.auth(), timeout=10)  # a repeat is harmless
+    assert r.status_code == 202 and r.json()["videoId"] == vid
+
+
 # --- expiration -------------------------------------------------------------------------------
 
 
