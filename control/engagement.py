@@ -389,6 +389,7 @@ async def counters_many(
     return out
 
 
+AGGREGATE_BATCH = 5000  # events per aggregator transaction: few commits when far behind
 SESSIONS_PER_STATEMENT = 500  # 7 parameters a row: well under SQLite's 32,766
 
 
@@ -470,7 +471,7 @@ async def aggregate_table_once(
     *,
     min_watch_seconds: float = DEFAULT_MIN_WATCH,
     settle_seconds: float = 0.0,
-    batch: int = 500,
+    batch: int = AGGREGATE_BATCH,
 ) -> int:
     """Apply the next settled rows of `playback_events` after the offset; returns how many
     rows it took (0: caught up or only unsettled rows)."""
@@ -556,7 +557,7 @@ async def aggregate_redis_once(
     claim: bool = False,
     claim_idle_ms: int = 30_000,
     block_ms: int = 200,
-    batch: int = 500,
+    batch: int = AGGREGATE_BATCH,
 ) -> int:
     """Claim stale pending entries (when `claim`) or read new ones, apply, then XACK; returns
     how many entries it handled."""
