@@ -19,9 +19,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from sqlalchemy import func, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control.app import make_app
 from control.auth import create_key
@@ -34,35 +33,18 @@ from control.engagement import (
     ensure_group,
     run_aggregator,
 )
+from tests.pgdb import own_pg_database
 from vodcore.config import Settings
 from vodcore.db.engagement_schema import playback_events, video_comments
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import metadata, videos
 from vodcore.server import start_server
 
-PG_URL = os.environ.get("VOD_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VOD_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 V1 = "vid_aaaaaaaaaaaaaaaa"
 V2 = "vid_bbbbbbbbbbbbbbbb"
 BLOCKED = "vid_cccccccccccccccc"
 T0 = 1_714_564_800.0
-
-
-async def own_pg_database() -> str:
-    """PG_URL's server, database `<db>_engagement` (created when missing)."""
-    url = make_url(PG_URL)
-    name = f"{url.database}_engagement"
-    admin = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            found = await conn.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
-            )
-            if found.first() is None:
-                await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await admin.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @dataclass
@@ -118,7 +100,9 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     db, use_redis = request.param
     background = request.node.originalname not in WITHOUT_BACKGROUND
     url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'vod.db'}" if db == "sqlite" else await own_pg_database()
+        f"sqlite+aiosqlite:///{tmp_path / 'vod.db'}"
+        if db == "sqlite"
+        else await own_pg_database("engagement")
     )
     engine = make_engine(url)
     if db == "postgresql":
@@ -338,9 +322,15 @@ async def test_bad_playback_events_are_4xx_and_append_nothing(world: World) -> N
         assert await counters(conn, V1) == (0, 0)
 
 
+REDIS_BACKENDS = [b for b in BACKENDS if b[1]]
+
+
+# consumer groups are the Redis path (the table path has an offset): Redis backends only
+@pytest.mark.parametrize(
+    "world", REDIS_BACKENDS, indirect=True, ids=[f"{db}-redis" for db, _ in REDIS_BACKENDS]
+)
 async def test_a_crashed_consumers_pending_events_are_claimed(world: World) -> None:
-    if world.redis is None:
-        pytest.skip("consumer groups are the Redis path")  # the table path has an offset
+    assert world.redis is not None
     async with aiohttp.ClientSession() as http:
         assert (await post(http, world, {"events": session(V1, "a", 15)}))[0] == 202
         assert (await post(http, world, {"events": session(V1, "b", 15)}))[0] == 202
