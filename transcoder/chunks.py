@@ -82,13 +82,9 @@ group, killed on cancel) and `join_chunks` (blocking file I/O: run it in a threa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import os
 import shutil
-import signal
 import struct
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -107,13 +103,13 @@ from transcoder.command import (
     filter_graph,
     media_playlist_name,
 )
+from transcoder.ffrun import run_progress
 from transcoder.ladder import Ladder
 from transcoder.manifests import MPD_NS, ManifestError, expand_template, parse_mpd
 from transcoder.probe import Probe
 
 SEEK_MARGIN_SECONDS = 3.0  # decode this much before a chunk so `fps` can fill its first slot
 AUDIO_DIR_STREAM = 0  # the audio encode's only output stream
-STDERR_TAIL = 4000
 
 
 class ChunkError(Exception):
@@ -847,12 +843,6 @@ def join_chunks(
 # ffmpeg runs (async I/O shell) --------------------------------------------------------------
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _progress_frames(line: str) -> int | None:
     key, _, value = line.strip().partition("=")
     if key != "frame":
@@ -877,30 +867,9 @@ async def run_ffmpeg(
     argv: Sequence[str], cwd: Path, on_line: Callable[[str], None] | None = None
 ) -> None:
     """Run ffmpeg in `cwd` in its own process group (one killpg on cancel stops it all)."""
-    with tempfile.TemporaryFile() as err:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,
-        )
-        try:
-            assert proc.stdout is not None
-            async for raw in proc.stdout:
-                if on_line is not None:
-                    on_line(raw.decode("ascii", "replace"))
-            rc = await proc.wait()
-        finally:
-            _kill_group(proc)  # only does anything when we leave early (cancel, error)
-            if proc.returncode is None:
-                await proc.wait()
-        if rc != 0:
-            err.seek(0, os.SEEK_END)
-            err.seek(max(0, err.tell() - STDERR_TAIL))
-            tail = err.read().decode("utf-8", "replace").strip().splitlines()[-3:]
-            raise ChunkError(f"ffmpeg exited with status {rc}: " + " | ".join(tail))
+    rc, tail = await run_progress(argv, cwd, on_line)
+    if rc != 0:
+        raise ChunkError(f"ffmpeg exited with status {rc}: {tail}")
 
 
 async def encode_chunk(

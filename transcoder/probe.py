@@ -44,16 +44,15 @@ I/O shell. Cover art ("attached pic") is not a video stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import os
 import re
-import signal
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
+
+from transcoder.ffrun import run_capture
 
 PROBE_TIMEOUT_SECONDS = 120.0
 HEAD_PACKETS = 120  # ~4 s at 30 fps: enough to see a rate change, cheap to demux
@@ -379,34 +378,6 @@ def judge_tail(start: float, seek: float, end: Fraction | None) -> float | None:
 # I/O shell ---------------------------------------------------------------------------------
 
 
-async def _run(argv: list[str], on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
-    """Run ffmpeg in its own session. With `on_line`, stdout lines go there and stderr is
-    dropped (a packet listing needs only stdout); without, stderr is returned."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE if on_line else asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL if on_line else asyncio.subprocess.PIPE,
-        start_new_session=True,  # so a kill reaches every child ffmpeg spawns
-    )
-    try:
-        if on_line is not None:
-            assert proc.stdout is not None
-            async for raw in proc.stdout:
-                on_line(raw.decode("ascii", "replace"))
-            await proc.wait()
-            err = b""
-        else:
-            _, err = await proc.communicate()
-    except BaseException:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):  # it may have just exited
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        raise
-    return proc.returncode if proc.returncode is not None else -1, err.decode("utf-8", "replace")
-
-
 async def _packets(
     ffmpeg: str, before_input: list[str], src: Path, maps: list[int], after: list[str], keep: int
 ) -> PacketLog | None:
@@ -419,7 +390,7 @@ async def _packets(
     argv += ["-c", "copy", *after, "-f", "framecrc", "pipe:1"]
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            await _run(argv, log.feed)
+            await run_capture(argv, log.feed)
     except TimeoutError:
         return None
     return log
@@ -451,7 +422,7 @@ async def probe(ffmpeg: str, src: Path) -> Probe:
         raise Unplayable("the file is empty (0 bytes)")
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            _, report = await _run([ffmpeg, "-hide_banner", "-nostdin", "-i", str(src)])
+            _, report = await run_capture([ffmpeg, "-hide_banner", "-nostdin", "-i", str(src)])
     except TimeoutError:
         raise Unplayable("ffmpeg took too long to read the file's headers") from None
     info = replace(parse_report(report), file_size=size)
@@ -459,7 +430,7 @@ async def probe(ffmpeg: str, src: Path) -> Probe:
     argv += ["-map", f"0:{info.video_index}", "-frames:v", "1", "-f", "null", "-"]
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            rc, out = await _run(argv)
+            rc, out = await run_capture(argv)
     except TimeoutError:
         raise Unplayable("ffmpeg took too long to decode the first frame") from None
     check_decode(out, rc)

@@ -40,12 +40,9 @@ that runs one ffmpeg per rung, each in its own session so a timeout or cancel ki
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
-import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -55,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from transcoder.command import MASTER_M3U8
+from transcoder.ffrun import run_capture
 from transcoder.manifests import ManifestError, parse_attributes, parse_master, parse_media_playlist
 
 QUALITY_JSON = "quality.json"
@@ -331,25 +329,6 @@ def find_rungs(outdir: Path) -> list[RungFiles]:
     ]
 
 
-async def _run(argv: list[str]) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,  # so a kill reaches every child ffmpeg spawns
-    )
-    try:
-        _, err = await proc.communicate()
-    except BaseException:  # cancelled, or the caller's timeout fired
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        raise
-    return proc.returncode if proc.returncode is not None else -1, err.decode("utf-8", "replace")
-
-
 def _concat_entry(path: Path) -> str:
     """One line of a `concatf:` list. ffmpeg reads each line with `av_get_token`, which
     takes `\\` as an escape and `'` as a quote, so both are escaped; the `file:` scheme
@@ -411,7 +390,7 @@ async def _measure_one(
         prep.log_path,
     )
     t0 = time.monotonic()
-    rc, err = await _run(argv)
+    rc, err = await run_capture(argv)
     seconds = time.monotonic() - t0
     if rc != 0:
         tail = err[-STDERR_TAIL:].strip().splitlines()[-3:]

@@ -14,11 +14,9 @@ and is killed with its group on timeout or cancellation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from transcoder import chunks as ch
 from transcoder import pipeline as pl
 from transcoder.command import MASTER_M3U8, POSTER, PRESET, build_argv, parse_progress
+from transcoder.ffrun import run_progress
 from transcoder.ladder import Ladder, LadderError, display_size, plan_ladder
 from transcoder.limits import Limits, check_limits, encode_timeout_seconds
 from transcoder.package import finish_outputs
@@ -49,7 +48,6 @@ from vodcore.store import ObjectStore
 
 log = logging.getLogger("vod.transcoder")
 
-STDERR_TAIL = 4000
 
 
 class TranscodeError(Exception):
@@ -99,43 +97,17 @@ def reports_progress(job: jobq.Job) -> bool:
 # ffmpeg and files ---------------------------------------------------------------------------
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 async def run_ffmpeg(
     argv: list[str], cwd: Path, log_path: Path, duration: float | None, progress: Progress
 ) -> None:
-    err = await asyncio.to_thread(open, log_path, "wb")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,  # its own process group: one killpg stops it all
-        )
-        try:
-            assert proc.stdout is not None
-            async for raw in proc.stdout:
-                pct = parse_progress(raw.decode("ascii", "replace"), duration)
-                if pct is not None:
-                    progress.percent = pct
-            rc = await proc.wait()
-        finally:
-            _kill_group(proc)  # only does anything when we leave early (cancel, error)
-            if proc.returncode is None:
-                await proc.wait()
-    finally:
-        err.close()
+    def line(text: str) -> None:
+        pct = parse_progress(text, duration)
+        if pct is not None:
+            progress.percent = pct
+
+    rc, tail = await run_progress(argv, cwd, line, log_path)
     if rc != 0:
-        raw = await asyncio.to_thread(log_path.read_bytes)
-        tail = raw[-STDERR_TAIL:].decode("utf-8", "replace").strip()
-        last = tail.splitlines()[-3:] if tail else []
-        raise TranscodeError(f"ffmpeg exited with status {rc}: " + " | ".join(last))
+        raise TranscodeError(f"ffmpeg exited with status {rc}: {tail}")
 
 
 def with_threads(argv: list[str], threads: int) -> list[str]:

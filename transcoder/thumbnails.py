@@ -48,14 +48,14 @@ group (killed on timeout or cancellation), then counts the sheets actually writt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import re
-import signal
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+
+from transcoder.ffrun import kill_group
 
 POSTER = "poster.jpg"
 VTT = "thumbnails.vtt"
@@ -363,12 +363,6 @@ async def _read_tail(stream: asyncio.StreamReader, limit: int) -> str:
     return buf.decode("utf-8", "replace").strip()
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _failure(what: str, tail: str) -> ThumbnailError:
     last = tail.splitlines()[-3:] if tail else []
     return ThumbnailError((f"{what}: " + " | ".join(last)) if last else what, tail)
@@ -409,7 +403,7 @@ async def make_thumbnails(
     except TimeoutError:
         raise ThumbnailError(f"ffmpeg took longer than {timeout:g} s to make thumbnails") from None
     finally:
-        _kill_group(proc)  # only does anything when we leave early (timeout, cancel)
+        kill_group(proc)  # only does anything when we leave early (timeout, cancel)
         if proc.returncode is None:
             await proc.wait()
     if rc != 0:
