@@ -91,6 +91,14 @@ async def run_once(
     settled = events.c.seq > 0
     if engine.dialect.name == "postgresql":
         settled = events.c.created_at <= now - SETTLE_SECONDS
+    # An idle consumer only reads: it takes its row (a write) only when there is work.
+    async with engine.connect() as conn:
+        offset = await get_offset(conn, name)
+        pending = (
+            await conn.execute(select(events.c.seq).where(events.c.seq > offset, settled).limit(1))
+        ).first()
+    if pending is None:
+        return 0
     async with engine.begin() as conn:
         # Take the consumer's row first (a write): a second process running the same consumer
         # waits here until this batch commits, then reads the new offset, instead of applying
