@@ -118,6 +118,20 @@ def with_threads(argv: list[str], threads: int) -> list[str]:
     return [*argv[:at], "-threads", str(threads), *argv[at:]]
 
 
+async def fetch(store: ObjectStore, key: str, dst: Path) -> None:
+    """Copy one object to a local file, streaming (memory stays bounded)."""
+    local = store.local_path(key)
+    if local is not None:
+        await asyncio.to_thread(shutil.copyfile, local, dst)
+        return
+    f = await asyncio.to_thread(open, dst, "wb")
+    try:
+        async for chunk in store.open_range(key):
+            await asyncio.to_thread(f.write, chunk)
+    finally:
+        f.close()
+
+
 async def source_path(store: ObjectStore, video_id: str, workdir: Path) -> Path:
     key = source_key(video_id)
     if not await store.exists(key):
@@ -126,14 +140,8 @@ async def source_path(store: ObjectStore, video_id: str, workdir: Path) -> Path:
     if local is not None:
         return local
     dst = workdir / "source"  # a remote store: download once into the work dir
-    if dst.exists():
-        return dst
-    f = await asyncio.to_thread(open, dst, "wb")
-    try:
-        async for chunk in store.open_range(key):
-            await asyncio.to_thread(f.write, chunk)
-    finally:
-        f.close()
+    if not dst.exists():
+        await fetch(store, key, dst)
     return dst
 
 
@@ -289,13 +297,8 @@ async def _upload_part(ctx: Ctx, outdir: Path, prefix: str) -> list[str]:
 
 async def _fetch_part(ctx: Ctx, prefix: str, names: list[str], dst: Path) -> Path:
     await asyncio.to_thread(dst.mkdir, parents=True, exist_ok=True)
-    for name in names:
-        local = ctx.store.local_path(prefix + name)
-        if local is not None and local.is_file():
-            await asyncio.to_thread(shutil.copyfile, local, dst / name)
-            continue
-        data = b"".join([c async for c in ctx.store.open_range(prefix + name)])
-        await asyncio.to_thread((dst / name).write_bytes, data)
+    for name in names:  # copies: the join consumes its inputs, the store keeps its objects
+        await fetch(ctx.store, prefix + name, dst / name)
     return dst
 
 
@@ -493,10 +496,9 @@ async def _version_dir(ctx: Ctx, prefix: str, workdir: Path) -> Path:
     if local is not None:
         return local.parent
     dst = workdir / "version"  # a remote store: fetch the manifests and segments
-    dst.mkdir(exist_ok=True)
+    await asyncio.to_thread(dst.mkdir, exist_ok=True)
     for key in await referenced_keys(ctx.store, prefix):
-        data = b"".join([c async for c in ctx.store.open_range(key)])
-        await asyncio.to_thread((dst / key[len(prefix) :]).write_bytes, data)
+        await fetch(ctx.store, key, dst / key[len(prefix) :])
     return dst
 
 
