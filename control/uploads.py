@@ -511,17 +511,7 @@ class Uploads:
             return s.offset
         if await asyncio.to_thread(_stage_in_flight, self.dir, s.id, size, self.stage_grace):
             return s.offset  # the commit of [size, …) is under way
-        async with self.engine.begin() as conn:
-            res = await conn.execute(
-                update(upload_sessions)
-                .where(
-                    upload_sessions.c.id == s.id,
-                    upload_sessions.c.offset == s.offset,
-                    upload_sessions.c.status == OPEN,
-                )
-                .values(offset=size)
-            )
-        if res.rowcount != 1:
+        if not await self._move_offset(s, size):
             return (await self.session(s.id, time.time())).offset
         log.warning(
             "upload %s: offset %d was ahead of the stored bytes; moved back to %d",
@@ -607,19 +597,23 @@ class Uploads:
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(stage.unlink, missing_ok=True)
 
-    async def _cas_offset(self, s: Session, new_offset: int) -> None:
+    async def _move_offset(self, s: Session, new_offset: int, *, unexpired: bool = False) -> bool:
+        """Compare-and-set the offset of an open session from `s.offset`; False: it moved."""
+        where = [
+            upload_sessions.c.id == s.id,
+            upload_sessions.c.offset == s.offset,
+            upload_sessions.c.status == OPEN,
+        ]
+        if unexpired:
+            where.append(upload_sessions.c.expires_at > time.time())
         async with self.engine.begin() as conn:
             res = await conn.execute(
-                update(upload_sessions)
-                .where(
-                    upload_sessions.c.id == s.id,
-                    upload_sessions.c.offset == s.offset,
-                    upload_sessions.c.status == OPEN,
-                    upload_sessions.c.expires_at > time.time(),
-                )
-                .values(offset=new_offset)
+                update(upload_sessions).where(*where).values(offset=new_offset)
             )
-        if res.rowcount != 1:
+        return bool(res.rowcount == 1)
+
+    async def _cas_offset(self, s: Session, new_offset: int) -> None:
+        if not await self._move_offset(s, new_offset, unexpired=True):
             # Another PATCH (maybe in another process) moved the offset first, or the
             # upload was terminated or expired meanwhile: 404/410, else 409.
             current = await self.session(s.id, time.time())
@@ -667,17 +661,7 @@ class Uploads:
             buf = mp.buffer_path(self.dir, session_id, state.base)
             await asyncio.to_thread(os.truncate, buf, s.offset - state.base)
             return s.offset
-        async with self.engine.begin() as conn:
-            res = await conn.execute(
-                update(upload_sessions)
-                .where(
-                    upload_sessions.c.id == s.id,
-                    upload_sessions.c.offset == s.offset,
-                    upload_sessions.c.status == OPEN,
-                )
-                .values(offset=stored)
-            )
-        if res.rowcount == 1:
+        if await self._move_offset(s, stored):
             log.warning(
                 "upload %s: offset %d was not what S3 and the buffer hold; moved to %d",
                 s.id, s.offset, stored,
