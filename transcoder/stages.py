@@ -49,7 +49,6 @@ from vodcore.store import ObjectStore
 log = logging.getLogger("vod.transcoder")
 
 
-
 class TranscodeError(Exception):
     """ffmpeg failed; retryable (it may have been killed, out of memory or disk)."""
 
