@@ -4,6 +4,9 @@ Rules:
 - every ffmpeg runs in its own session (`start_new_session`), so one `killpg` stops it and
   anything it spawned; leaving early (cancel, a caller's timeout, an error) kills the group
   and reaps it, so no ffmpeg outlives the job that started it;
+- and none outlives the process that started it either: the child asks the kernel for a
+  SIGKILL when its parent dies (`PR_SET_PDEATHSIG`, Linux), so a worker killed with SIGKILL
+  leaves no ffmpeg encoding on for nobody (`spawn_options`, for every ffmpeg we start);
 - `run_capture` is for short runs whose stderr is the answer (probing, VMAF);
 - `run_progress` is for long runs: stdout lines (`-progress pipe:1`) go to a callback as they
   come, stderr goes to a file (the job's log, or a temporary file), and the last lines of it
@@ -14,13 +17,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 STDERR_TAIL = 4000  # bytes of stderr kept for an error message
+_PR_SET_PDEATHSIG = 1
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    def in_child() -> None:  # runs between fork and exec: async-signal-safe calls only
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os._exit(1)
+
+    return in_child
+
+
+def spawn_options() -> dict[str, Any]:
+    """Keyword arguments for `create_subprocess_exec`: own session, dies with us."""
+    return {"start_new_session": True, "preexec_fn": _die_with(os.getpid())}
 
 
 def kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -45,7 +67,7 @@ async def run_capture(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE if on_line else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL if on_line else asyncio.subprocess.PIPE,
-        start_new_session=True,
+        **spawn_options(),
     )
     try:
         if on_line is not None:
@@ -80,7 +102,7 @@ async def run_progress(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=err,
-            start_new_session=True,
+            **spawn_options(),
         )
         try:
             assert proc.stdout is not None

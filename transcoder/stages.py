@@ -59,6 +59,7 @@ class Ctx:
     store: ObjectStore
     engine: AsyncEngine
     ffmpeg: str
+    scratch: Path | None = None  # this process's scratch directory (`transcoder.workdirs`)
 
     @property
     def limits(self) -> Limits:

@@ -55,7 +55,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
-from transcoder.ffrun import kill_group
+from transcoder.ffrun import kill_group, spawn_options
 
 POSTER = "poster.jpg"
 VTT = "thumbnails.vtt"
@@ -390,7 +390,7 @@ async def make_thumbnails(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # its own process group: one killpg stops it all
+            **spawn_options(),  # its own process group (one killpg stops it), dies with us
         )
     except OSError as e:
         raise ThumbnailError(f"could not start ffmpeg: {e}") from e

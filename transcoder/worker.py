@@ -2,8 +2,10 @@
 
 The pipeline is a DAG of jobs (`transcoder.pipeline`); what each kind does is in
 `transcoder.stages`. Per claimed job (`process_one`):
-- the stage runs in a private temp dir under `data_dir/tmp` while a heartbeat task extends
-  the lease every few seconds (with the progress parsed from ffmpeg's `-progress pipe:1`);
+- the stage runs in a private temp dir in the process's scratch directory under `data_dir/tmp`
+  (`transcoder.workdirs`: a killed process's scratch is removed by the next to start) while a
+  heartbeat task extends the lease every few seconds (with the progress parsed from ffmpeg's
+  `-progress pipe:1`);
   a lost lease (another worker took the job) stops the work at once;
 - success: one transaction completes the job under our lease, stores its result, unblocks
   its dependent and runs the stage's `apply` (enqueue the DAG, publish a version…);
@@ -34,6 +36,7 @@ from transcoder import pipeline as pl
 from transcoder.probe import Unplayable
 from transcoder.publish import LeaseLost
 from transcoder.stages import STAGES, Ctx, Progress, reports_progress
+from transcoder.workdirs import own_scratch
 from vodcore.config import Settings
 from vodcore.db import jobs as jobq
 from vodcore.db.engine import create_schema, make_engine
@@ -93,7 +96,7 @@ async def _run(ctx: Ctx, job: jobq.Job, progress: Progress) -> None:
     stage = STAGES.get(job.kind)
     if stage is None:
         raise Unplayable(f"unknown job kind {job.kind!r}")
-    tmp_root = ctx.settings.data_dir / "tmp"
+    tmp_root = ctx.scratch or ctx.settings.data_dir / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"job{job.id}-{job.kind}-", dir=tmp_root))
     try:
@@ -184,16 +187,19 @@ async def run_pool(
     engine = make_engine(settings.db_url)
     await create_schema(engine)  # idempotent; the pool may start before control
     store = make_store(settings)
-    ctx = Ctx(settings, store, engine, ffmpeg_exe(settings))
-    loops = [
-        asyncio.create_task(_job_loop(ctx, f"{worker_id}/{i}", stop)) for i in range(max(1, slots))
-    ]
-    try:
-        await stop.wait()
-    finally:
-        # cancelling a loop cancels its job: ffmpeg's group is killed, the lease left to expire
-        for t in loops:
-            t.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
-        await engine.dispose()
-        await close_store(store)
+    with own_scratch(settings.data_dir / "tmp") as scratch:
+        ctx = Ctx(settings, store, engine, ffmpeg_exe(settings), scratch)
+        loops = [
+            asyncio.create_task(_job_loop(ctx, f"{worker_id}/{i}", stop))
+            for i in range(max(1, slots))
+        ]
+        try:
+            await stop.wait()
+        finally:
+            # cancelling a loop cancels its job: ffmpeg's group is killed, the lease left to
+            # expire
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await engine.dispose()
+            await close_store(store)

@@ -1,5 +1,7 @@
 """A transcoder worker killed with SIGKILL mid-encode changes nothing in the end result: its
-lease runs out, another worker claims the job again and publishes a complete version."""
+ffmpeg dies with it, its lease runs out, another worker claims the job again, publishes a
+complete version, and removed the dead worker's scratch directory when it started. Workers are
+`vod transcoder` processes on the backend `--backend` names (through VOD_* variables)."""
 
 from __future__ import annotations
 
@@ -11,19 +13,20 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from tests.backends import Backend, local_tree
 from tests.conftest import make_clip
 from tests.integration.test_transcoder import (
     FFMPEG,
-    _processes_mentioning,
     add_video,
     decoded_seconds,
+    ffmpeg_pids,
 )
 from tests.procs import VodProcess
 from transcoder.manifests import parse_master, parse_media_playlist
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import jobs, videos
-from vodcore.store.fs import FilesystemStore
+from vodcore.store.factory import close_store, make_store
 
 CONFIG = """
 segment_seconds = 2.0
@@ -35,9 +38,13 @@ quality_report = false
 
 async def _setup(settings: Settings, src: Path) -> None:
     engine = make_engine(settings.db_url)
-    await create_schema(engine)
-    await add_video(engine, FilesystemStore(settings.store_dir), "vidkill", src)
-    await engine.dispose()
+    store = make_store(settings)
+    try:
+        await create_schema(engine)
+        await add_video(engine, store, "vidkill", src)
+    finally:
+        await close_store(store)
+        await engine.dispose()
 
 
 async def _jobs(settings: Settings) -> list[tuple[str, str, int]]:
@@ -51,20 +58,20 @@ async def _jobs(settings: Settings) -> list[tuple[str, str, int]]:
     return [(r.kind, r.state, r.attempts) for r in rows] + [("video", *video)]
 
 
-def test_sigkill_mid_encode_then_another_worker_finishes(tmp_path: Path) -> None:
+def test_sigkill_mid_encode_then_another_worker_finishes(tmp_path: Path, backend: Backend) -> None:
     data = tmp_path / "data"
     data.mkdir()
     cfg = tmp_path / "vod.toml"
     cfg.write_text(CONFIG)
-    settings = Settings(data_dir=data)
+    settings = backend.settings(data)
     src = make_clip(FFMPEG, tmp_path / "src.mp4", 8, "1280x720", preset="ultrafast")
     asyncio.run(_setup(settings, src))
     args = ["transcoder", "--data", str(data), "--config", str(cfg), "--slots", "1"]
 
-    first = VodProcess(args, tmp_path / "first.log")
+    first = VodProcess(args, tmp_path / "first.log", env=backend.env())
     try:
         deadline = time.monotonic() + 60
-        while not list((data / "tmp").glob("*encode*/out/seg-*")):  # ffmpeg is mid-encode
+        while not list((data / "tmp").glob("w-*/*encode*/out/seg-*")):  # ffmpeg is mid-encode
             assert time.monotonic() < deadline, first.output()
             assert first.proc.poll() is None, first.output()
             time.sleep(0.05)
@@ -72,14 +79,17 @@ def test_sigkill_mid_encode_then_another_worker_finishes(tmp_path: Path) -> None
         first.proc.wait(10)
     finally:
         first.stop()
-    # ffmpeg runs in its own session, so it outlives a SIGKILLed worker; a real machine that
-    # lost its worker lost its ffmpeg too: kill it the same way
-    for pid in _processes_mentioning(str(settings.store_dir / "source" / "vidkill")):
-        os.kill(pid, signal.SIGKILL)
+    # ffmpeg runs in its own session, yet it does not outlive its worker (PR_SET_PDEATHSIG)
+    deadline = time.monotonic() + 10
+    while ffmpeg_pids(settings):
+        assert time.monotonic() < deadline, "ffmpeg outlived its SIGKILLed worker"
+        time.sleep(0.05)
+    dead_scratch = [d for d in (data / "tmp").iterdir() if d.name.startswith("w-")]
+    assert len(dead_scratch) == 1 and dead_scratch[0].name.startswith(f"w-{first.proc.pid}-")
     state = asyncio.run(_jobs(settings))
     assert ("encode", "running", 1) in state, state  # the dead worker's lease, still held
 
-    second = VodProcess(args, tmp_path / "second.log")
+    second = VodProcess(args, tmp_path / "second.log", env=backend.env())
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -91,11 +101,13 @@ def test_sigkill_mid_encode_then_another_worker_finishes(tmp_path: Path) -> None
             assert time.monotonic() < deadline, (state, second.output()[-3000:])
             assert second.proc.poll() is None, second.output()
             time.sleep(0.2)
+        assert not dead_scratch[0].exists()  # the second worker removed it when it started
     finally:
         assert second.stop() == 0
+    assert list((data / "tmp").iterdir()) == []  # and its own on the way out
     assert ("encode", "done", 2) in state, state  # claimed again after the lease ran out
     assert all(s == "done" for k, s, _ in state if k != "video"), state
-    base = settings.store_dir / "media" / "vidkill" / "1"
+    base = asyncio.run(local_tree(settings, "media/vidkill/1/", tmp_path / "v1"))
     master = (base / "master.m3u8").read_text()
     for uri in parse_master(master):
         playlist = parse_media_playlist((base / uri).read_text())
