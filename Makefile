@@ -12,7 +12,9 @@ test:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
-	.venv/bin/pytest -q -p no:cacheprovider
+	.venv/bin/pytest -q -p no:cacheprovider --backend=embedded
+# then the backend-dependent tests again on PostgreSQL + Redis + S3 (moto; tests/backends.py)
+	.venv/bin/pytest -q -p no:cacheprovider --backend=scale tests/integration tests/e2e
 
 lint:
 	@scripts/bootstrap.sh dev

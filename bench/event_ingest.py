@@ -1,24 +1,27 @@
 """Playback-event ingest (issue 6: "goal ≥ 20,000 playback events/s accepted (batched), counters
 converging within 2 s").
 
-    .venv/bin/python bench/event_ingest.py [--seconds 10] [--batch 500] [--conns 8]
+    .venv/bin/python bench/event_ingest.py [--seconds 10] [--batch 500] [--conns 8] [--rate 0]
         [--procs 1] [--backends sqlite,pg,sqlite-redis,pg-redis] [--converge-timeout 120]
 
 For each backend: a fresh `vod control` (rate limits off) with one READY public video, then an
-asyncio client (aiohttp, `--conns` connections, in this process) POSTs `{events: [...]}`
-batches to /v1/playback-events for `--seconds`. A batch holds `batch / per-session` playback
-sessions of `--per-session` events each (start at 0 s, then heartbeats up to 12 s of position
-and of wall time), so every session passes the 10 s view rule exactly once: the expected
-viewCount is known. Bodies are built from one template (the session ids differ per request),
-so the client spends little CPU; it shares the 2 cores with the server anyway.
+asyncio client (aiohttp, `--conns` connections, in this process) POSTs `{events: [...]}` batches
+to /v1/playback-events for `--seconds`, as fast as the answers come (closed loop: the capacity),
+or paced at `--rate` events/s (convergence at a given load). A batch holds `batch / per-session`
+playback sessions of `--per-session` events each (start at 0 s, then heartbeats up to 12 s of
+position and of wall time), so every session passes the 10 s view rule exactly once: the
+expected viewCount is known. Bodies are built from one template (the session ids differ per
+request), so the client spends little CPU; it shares the 2 cores with the server anyway.
 
 Reported: events/s accepted (the sum of `accepted` in the 202 answers over the time from the
 first request to the last answer), request latency, then the convergence: how long after the
 last 202 until GET /v1/videos/{id} shows the expected viewCount (polled every 50 ms, bounded
 by `--converge-timeout`), and the aggregator's drain rate (events/s) over the whole run.
-Backends: `sqlite`/`pg`: the embedded path (INSERT into playback_events, aggregator follows
-the table; PostgreSQL waits settle_seconds=2 s before taking a row); `*-redis`: XADD to the
-Redis stream (db 12), aggregator = consumer group.
+Backends: `sqlite`/`pg`: the embedded path (one row of playback_batches per request; the
+aggregator follows the table, a row after a hole in ids waiting settle_seconds=2 s on
+PostgreSQL); `*-redis`: one XADD per request to the Redis stream (db 12, or VODBENCH_REDIS),
+aggregator = consumer group. The aggregator runs in a thread of its own in each control process
+and prunes what it applied every 10 s.
 """
 
 from __future__ import annotations
@@ -68,9 +71,20 @@ class Load:
     last: float = 0.0
 
 
-async def post_load(url: str, body: bytes, seconds: float, conns: int, start_no: int) -> Load:
+async def post_load(
+    url: str,
+    body: bytes,
+    seconds: float,
+    conns: int,
+    start_no: int,
+    rate: float = 0.0,
+    batch: int = 1,
+) -> Load:
+    """POST for `seconds` on `conns` connections: as fast as answers come (closed loop), or,
+    with `rate` > 0, request n sent at first + n * batch / rate (paced at `rate` events/s)."""
     load = Load()
     counter = [start_no]
+    issued = [0]
     conn = aiohttp.TCPConnector(limit=conns)
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=conn) as http:
@@ -79,6 +93,13 @@ async def post_load(url: str, body: bytes, seconds: float, conns: int, start_no:
 
         async def worker() -> None:
             while time.monotonic() < deadline:
+                if rate > 0:
+                    due = load.first + issued[0] * batch / rate
+                    issued[0] += 1
+                    if due >= deadline:
+                        return
+                    if (delay := due - time.monotonic()) > 0:
+                        await asyncio.sleep(delay)
                 counter[0] += 1
                 data = body.replace(PLACEHOLDER, b"%010d" % counter[0])
                 t = time.monotonic()
@@ -112,6 +133,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--per-session", type=int, default=5)
     ap.add_argument("--conns", type=int, default=8)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="events/s to send (paced); 0: as fast as the server answers")  # fmt: skip
     ap.add_argument("--procs", type=int, default=1)
     ap.add_argument("--backends", default="sqlite,pg,sqlite-redis,pg-redis")
     ap.add_argument("--converge-timeout", type=float, default=120)
@@ -134,7 +157,7 @@ def main() -> None:
             )  # fmt: skip
             url = f"{ctl.url}/v1/playback-events"
             warm = asyncio.run(post_load(url, body, 0.5, 2, 0))  # connections, JIT-free warm-up
-            load = asyncio.run(post_load(url, body, a.seconds, a.conns, 10**8))
+            load = asyncio.run(post_load(url, body, a.seconds, a.conns, 10**8, a.rate, a.batch))
             expected = (warm.requests + load.requests) * sessions_per_batch
             end_of_posts = time.monotonic()
             at_end = view_count(ctl)
@@ -172,6 +195,7 @@ def main() -> None:
     h.banner(
         f"Playback-event ingest: POST /v1/playback-events, {a.batch} events per request "
         f"({sessions_per_batch} sessions x {a.per_session} events), {a.conns} connections, "
+        f"{f'paced at {a.rate:,.0f} events/s' if a.rate else 'closed loop'}, "
         f"{a.seconds:g} s, {a.procs} control process(es), access log {a.access_log}, rate "
         f"limits off ({h.machine()}, {time.strftime('%Y-%m-%d', time.localtime(started))})"
     )

@@ -2,15 +2,24 @@
 2 cores: goal ≥ 5,000 req/s with p99 ≤ 20 ms; report on SQLite and on PostgreSQL + Redis").
 
     .venv/bin/python bench/playback_auth.py [--seconds 12] [--conns 30] [--procs 1,2]
-        [--backends sqlite,pg-redis] [--access-log on|off]
+        [--backends sqlite,pg-redis] [--access-log on|off] [--runs 3]
 
 For each backend and process count: a fresh `vod control` (N processes on one port through
 SO_REUSEPORT, rate limits off by a TOML config) with one READY public video, a warm-up wrk
-(3 s), then wrk -t2 -c30 --latency on its playback URL. Every answer is a freshly minted
-Ed25519 token (no key needed for a public video). PostgreSQL: database `bench_vod` (created
-when missing, tables dropped first: never `test`); Redis: db 12, flushed before and after.
-The machine has 2 cores for everything: the control processes, wrk and, on the second
+(3 s), then wrk -t2 -c30 --latency on its playback URL. Every answer carries a playback
+token of this second (no key needed for a public video). PostgreSQL: database `bench_vod`
+(created when missing, tables dropped first: never `test`); Redis: db 12, flushed before and
+after. The machine has 2 cores for everything: the control processes, wrk and, on the second
 backend, PostgreSQL and Redis too.
+
+p99 on 2 shared cores swings from run to run (the scheduler, other work on the machine), so
+each configuration runs `--runs` times (fresh processes each time, the configurations taken
+in turn so that a noisy minute hits all of them alike); the table gives the medians, the
+verdict is on the medians, and the p99 range is shown beside them.
+
+The load: wrk is closed-loop, 30 connections each with one request outstanding (a new one as
+soon as the answer comes), so the server runs flat out and p99 is the latency at saturation,
+queueing included; wrk's two threads share the 2 cores with it.
 
 This file also holds the control-plane helpers the other issue-6 benches import
 (`start_controls`, `BACKENDS`).
@@ -212,19 +221,21 @@ def main() -> None:
     ap.add_argument("--procs", default="1,2", help="control process counts, e.g. 1,2")
     ap.add_argument("--backends", default="sqlite,pg-redis", help=",".join(BACKENDS))
     ap.add_argument("--access-log", choices=("on", "off"), default="on")
+    ap.add_argument("--runs", type=int, default=3, help="runs per configuration (medians)")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
     procs = [int(p) for p in a.procs.split(",")]
     backends = [BACKENDS[b] for b in a.backends.split(",")]
     command = "bench/playback_auth.py " + " ".join(sys.argv[1:])
     started = time.time()
-    rows = []
+    configs = [(b, n) for b in backends for n in procs]
+    results: dict[tuple[str, int], list[h.WrkResult]] = {(b.name, n): [] for b, n in configs}
     with h.fleet_or_exit(keep=a.keep) as fleet:
-        for b in backends:
-            for n in procs:
+        for run in range(1, a.runs + 1):
+            for b, n in configs:
                 name = f"{b.name}-x{n}"
                 ctl = start_controls(
-                    fleet, name, b, procs=n, access_log=a.access_log == "on",
+                    fleet, f"{name}-r{run}", b, procs=n, access_log=a.access_log == "on",
                     prepare=insert_ready_video,
                 )  # fmt: skip
                 url = f"{ctl.url}/v1/videos/{VIDEO}/playback"
@@ -233,27 +244,38 @@ def main() -> None:
                     raise h.BenchError(f"{name}: playback answered {status}: {body[:200]!r}")
                 h.wrk(url, threads=a.threads, conns=a.conns, seconds=a.warmup)  # warm-up
                 r = h.wrk(url, threads=a.threads, conns=a.conns, seconds=a.seconds)
-                print(f"{name:12} {r.req_s:9,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+                results[(b.name, n)].append(r)
+                print(f"run {run} {name:12} {r.req_s:9,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
                       f"p99 {r.p99_ms:6.2f} ms  errors {r.errors}", flush=True)  # fmt: skip
-                met = r.req_s >= GOAL_RPS and r.p99_ms <= GOAL_P99_MS and r.errors == 0
-                rows.append([
-                    b.name, n, f"{r.req_s:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
-                    r.errors, h.ratio(r.req_s, GOAL_RPS), "met" if met else "NOT met",
-                ])  # fmt: skip
                 for p in ctl.procs:
                     fleet.stop(p)
         for b in backends:
             if b.redis:
                 flush_redis()
+    rows = []
+    for b, n in configs:
+        rs = results[(b.name, n)]
+        req_s = h.median([r.req_s for r in rs])
+        p50 = h.median([r.p50_ms for r in rs])
+        p99s = [r.p99_ms for r in rs]
+        p99 = h.median(p99s)
+        errors = sum(r.errors for r in rs)
+        met = req_s >= GOAL_RPS and p99 <= GOAL_P99_MS and errors == 0
+        rows.append([
+            b.name, n, f"{req_s:,.0f}", f"{p50:.2f}", f"{p99:.2f}",
+            f"{min(p99s):.2f}-{max(p99s):.2f}", errors, h.ratio(req_s, GOAL_RPS),
+            "met" if met else "NOT met",
+        ])  # fmt: skip
     h.banner(
         f"Playback authorization: GET /v1/videos/{{id}}/playback, public READY video, wrk "
         f"-t{a.threads} -c{a.conns} -d{a.seconds:g}s --latency after a {a.warmup:g} s warm-up, "
-        f"access log {a.access_log}, rate limits off ({h.machine()}, "
+        f"access log {a.access_log}, rate limits off, medians of {a.runs} runs ({h.machine()}, "
         f"{time.strftime('%Y-%m-%d', time.localtime(started))})"
     )
     print(f"command: `.venv/bin/python {command.strip()}`\n")
     print(h.table(
-        ["backend", "control procs", "req/s", "p50 ms", "p99 ms", "errors", "req/s / goal",
+        ["backend", "control procs", "req/s", "p50 ms", "p99 ms", "p99 range", "errors",
+         "req/s / goal",
          f"goal ≥{GOAL_RPS:,.0f} req/s, p99 ≤{GOAL_P99_MS:g} ms"],
         rows,
     ))  # fmt: skip

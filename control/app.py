@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from control.auth import authenticate
+from control.cors import install as install_cors
 from control.engagement import ENGAGEMENT_KEY, Engagement
 from control.ids import is_id
 from control.moderation import Moderation
@@ -51,6 +52,7 @@ def make_app(settings: Settings) -> web.Application:
     ready = {"db": False}
     app = base_app("control", ready=lambda: ready["db"])
     install_rate_limits(app, RateLimitConfig.from_settings(settings))
+    install_cors(app, settings.cors_origins)  # preflights are answered before rate limits
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await create_schema(engine)

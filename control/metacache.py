@@ -36,6 +36,14 @@ key; a caller that goes away does not cancel it for the others). An invalidation
 keeps the fill's result out of memory (`LocalCache.epoch`, as in `control.negcache`) and makes
 later callers start a new fill.
 
+Refresh ahead: a hit on an entry with less than `REFRESH_AHEAD` (0.25 s) of its local TTL left
+starts the same fill in the background and answers from the entry at once; the fill replaces
+the entry when it lands. So a video read all the time never expires under its readers, and
+they never wait for its re-read (on SQLite a read goes through a thread and can take tens of
+milliseconds on a busy machine; every request of the process queued behind it). Nothing is
+served longer than before: an entry still ends at its TTL, and if the refresh has not landed by
+then the next read waits for it as on any miss. The bounds above are unchanged.
+
 Redis trouble (down, slow) never fails a request: the cache falls through to the database,
 skips Redis for `REDIS_BACKOFF` seconds and logs at most once per `LOG_EVERY` seconds.
 """
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -59,6 +68,7 @@ from vodcore.db.schema import video_cutoffs, videos
 log = logging.getLogger(__name__)
 
 LOCAL_TTL = 1.0
+REFRESH_AHEAD = 0.25  # a hit this close to the local expiry re-reads in the background
 NEGATIVE_TTL = 2.0  # in memory, when there is no Redis
 LOCAL_MAX_ENTRIES = 10_000
 REDIS_TTL = 5.0
@@ -141,6 +151,12 @@ class LocalCache:
         entries[key] = (now + ttl, value)
         return True
 
+    def expires(self, key: str) -> float:
+        """When the key's entry ends (-inf without one); `get` first, this does not refresh
+        its recency."""
+        hit = self._entries.get(key)
+        return hit[0] if hit is not None else -math.inf
+
     def forget(self, key: str) -> None:
         self.epoch += 1
         self._entries.pop(key, None)
@@ -173,6 +189,7 @@ class MetaCache:
         redis_ttl: float = REDIS_TTL,
         redis_negative_ttl: float = REDIS_NEGATIVE_TTL,
         tombstone_ttl: float = TOMBSTONE_TTL,
+        refresh_ahead: float = REFRESH_AHEAD,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.load = load
@@ -181,11 +198,12 @@ class MetaCache:
         self.redis_ttl_ms = int(redis_ttl * 1000)
         self.redis_negative_ttl_ms = int(redis_negative_ttl * 1000)
         self.tombstone_ttl_ms = int(tombstone_ttl * 1000)
+        self.refresh_ahead = refresh_ahead
         self.clock = clock
         self._inflight: dict[str, asyncio.Future[Meta]] = {}
         self._redis_skip_until = -1.0
         self._last_log = -LOG_EVERY
-        self.stats = {"local": 0, "redis": 0, "db": 0, "joined": 0}
+        self.stats = {"local": 0, "redis": 0, "db": 0, "joined": 0, "ahead": 0}
 
     @classmethod
     def from_settings(cls, settings: Any, engine: AsyncEngine) -> MetaCache:
@@ -213,18 +231,39 @@ class MetaCache:
 
     async def get(self, video_id: str) -> Meta:
         """The video's row (with "cutoff"), or None when there is no such video."""
-        value = self.local.get(video_id, self.clock())
+        value = self.peek(video_id)
         if value is not ABSENT:
-            self.stats["local"] += 1
             return value  # type: ignore[no-any-return]
         fill = self._inflight.get(video_id)
         if fill is None:
-            fill = asyncio.ensure_future(self._fill(video_id))
-            self._inflight[video_id] = fill
-            fill.add_done_callback(lambda f: self._done(video_id, f))
+            fill = self._start_fill(video_id)
         else:
             self.stats["joined"] += 1
         return await asyncio.shield(fill)
+
+    def peek(self, video_id: str) -> Any:
+        """This process's level only, without awaiting (for `control.videos.PlaybackFastPath`
+        too): the row, None (no such video) or `ABSENT` (`get` reads through). A hit close to
+        the entry's end starts its re-read in the background (refresh ahead); needs a running
+        event loop then."""
+        now = self.clock()
+        value = self.local.get(video_id, now)
+        if value is ABSENT:
+            return ABSENT
+        self.stats["local"] += 1
+        if (
+            self.local.expires(video_id) - now < self.refresh_ahead
+            and video_id not in self._inflight
+        ):
+            self.stats["ahead"] += 1
+            self._start_fill(video_id)
+        return value
+
+    def _start_fill(self, video_id: str) -> asyncio.Future[Meta]:
+        fill = asyncio.ensure_future(self._fill(video_id))
+        self._inflight[video_id] = fill
+        fill.add_done_callback(lambda f: self._done(video_id, f))
+        return fill
 
     def _done(self, video_id: str, fill: asyncio.Future[Meta]) -> None:
         if self._inflight.get(video_id) is fill:

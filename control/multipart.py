@@ -26,10 +26,9 @@ Rules:
    when a client sends them (they are not part of the signature); moto, which the tests use,
    accepts and ignores both, so the ETag comparison of rule 3 is what the tests rely on.
 
-tus on S3: PATCH bodies are staged and checked exactly as on the filesystem, then, under a
-per-session file lock (`{sid}.s3lock`, so several control processes sharing the uploads
-directory serialise), the offset is moved by its compare-and-set and the body is appended to a
-local buffer `{sid}.{base:020d}.s3buf` holding bytes [base, offset). As soon as the buffer holds a
+tus on S3: PATCH bodies are written and checked exactly as on the filesystem (under the session's
+lock, `control/upload_files.py`), into a local buffer `{sid}.{base:020d}.s3buf` holding bytes
+[base, offset), and the offset is moved by its compare-and-set. As soon as the buffer holds a
 whole part it is uploaded as the next part, recorded in the session's state file
 `{sid}.s3.json` (atomic rename), and only then the buffer is cut (a new buffer named by the new
 base, the old one removed). A crash anywhere leaves a state that `settle_buffer` repairs: a
@@ -43,21 +42,18 @@ an `AbortIncompleteMultipartUpload` lifecycle rule for uploads a crash orphaned)
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
-import fcntl
 import json
 import math
 import os
 import re
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vodcore.errors import UPLOAD_STATE, VALIDATION, ApiError
+from vodcore.errors import VALIDATION, ApiError
 from vodcore.store import PartInfo
 
 MiB = 1024 * 1024
@@ -264,49 +260,6 @@ def settle_buffer(uploads_dir: Path, session_id: str, base: int) -> int:
     return live.stat().st_size
 
 
-def append_at(buffer: Path, stage: Path, position: int) -> int:
-    """Write the stage file into the buffer at `position` (cutting anything after it: bytes a
-    commit left there without its offset moving); fsync; returns the buffer's length."""
-    with open(buffer, "r+b") as out, open(stage, "rb") as src:
-        out.truncate(position)
-        out.seek(position)
-        while data := src.read(MiB):
-            out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-        return out.tell()
-
-
 def read_head(buffer: Path, n: int) -> bytes:
     with open(buffer, "rb") as f:
         return f.read(n)
-
-
-# --- the cross-process session lock -----------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def session_flock(uploads_dir: Path, session_id: str, wait: float) -> AsyncIterator[None]:
-    """An exclusive `flock` on `{sid}.s3lock` (every process sharing the uploads directory),
-    polled without blocking the loop; after `wait` seconds a 409."""
-    path = uploads_dir / f"{session_id}.s3lock"
-    fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if loop.time() >= deadline:
-                    raise ApiError(
-                        UPLOAD_STATE, "another request is writing this upload; retry"
-                    ) from None
-                await asyncio.sleep(0.02)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)

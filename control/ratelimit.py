@@ -14,7 +14,11 @@ Rules:
   1 (RFC 9110 §10.2.3: delay-seconds is an integer) and `retryAfterSeconds` exact in the body;
 - exempt: `/healthz`, `/metrics`, and what the CDN's own tiers call on control (the purge stream
   and its acks, the JWKS, the cutoffs): limiting those would delay takedowns, not abuse;
-- a rate of 0 (or less) turns that bucket off;
+- a rate of 0 (or less) turns that bucket off; with both off no middleware is installed at all;
+- answers given outside aiohttp's middleware chain (`control.videos.PlaybackFastPath`) take
+  the same buckets through `RateLimiter.check_now`, which needs no await and so only works
+  when no enabled bucket is in Redis (`synchronous`); `install` lists every limiter under
+  `RATE_LIMITERS_KEY` for them;
 - backends: `MemoryBuckets` (this process; at most `max_keys` buckets, full or idle ones dropped
   first, then the least recently used: a dropped bucket comes back full, which only ever
   loosens the limit) and `RedisBuckets` (shared by every control process: one Lua script reads,
@@ -125,9 +129,18 @@ class TokenBucket:
 
 
 class Buckets(Protocol):
-    """A rate-limit backend: take one token from `key`'s bucket."""
+    """A rate-limit backend: take one token from `key`'s bucket. `take_now` does the same
+    without awaiting, and only when `synchronous` (the buckets are not in Redis)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def synchronous(self) -> bool: ...
 
     async def take(self, key: str, now: float) -> tuple[bool, float]: ...
+
+    def take_now(self, key: str, now: float) -> tuple[bool, float]: ...
 
     async def close(self) -> None: ...
 
@@ -136,7 +149,16 @@ class MemoryBuckets:
     def __init__(self, rate: Rate, max_keys: int = 100_000) -> None:
         self.buckets = TokenBucket(rate.capacity, rate.per_second, max_keys)
 
+    @property
+    def enabled(self) -> bool:
+        return self.buckets.rate.enabled
+
+    synchronous = True
+
     async def take(self, key: str, now: float) -> tuple[bool, float]:
+        return self.buckets.take(key, now)
+
+    def take_now(self, key: str, now: float) -> tuple[bool, float]:
         return self.buckets.take(key, now)
 
     async def close(self) -> None:
@@ -183,6 +205,19 @@ return {0, string.format('%.17g', retry)}
         self.prefix = prefix
         self.ttl_ms = math.ceil(rate.full_after * 1000) + 1000 if rate.enabled else 1000
         self._script = client.register_script(self.SCRIPT)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate.enabled
+
+    @property
+    def synchronous(self) -> bool:
+        return not self.rate.enabled  # off: nothing to ask Redis
+
+    def take_now(self, key: str, now: float) -> tuple[bool, float]:
+        if self.rate.enabled:
+            raise RuntimeError("a bucket in Redis is taken with `take`")
+        return True, 0.0
 
     async def take(self, key: str, now: float) -> tuple[bool, float]:
         if not self.rate.enabled:
@@ -240,6 +275,33 @@ class RateLimiter:
         self.exempt = frozenset(exempt)
         self.clock = clock
         self._last_failure_log = -math.inf
+        self.installed: Callable[..., Awaitable[web.StreamResponse]] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any bucket limits anything (a rate of 0 turns a bucket off)."""
+        return self.per_key.enabled or self.per_ip.enabled
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether `check_now` can answer: no enabled bucket is in Redis."""
+        return self.per_key.synchronous and self.per_ip.synchronous
+
+    def check_now(self, remote: str | None, authorization: str) -> float:
+        """`check` without awaiting, only when `synchronous`: for answers given outside
+        aiohttp's handler chain (`control.videos.PlaybackFastPath`)."""
+        if not self.synchronous:
+            raise RuntimeError("a bucket is in Redis: use `check`")
+        now = self.clock()
+        ok, retry = self.per_ip.take_now(f"ip:{remote or 'unknown'}", now)
+        if not ok:
+            return retry
+        key = bearer_bucket(authorization)
+        if key is not None:
+            ok, retry = self.per_key.take_now(key, now)
+            if not ok:
+                return retry
+        return 0.0
 
     async def check(self, remote: str | None, authorization: str) -> float:
         """0.0 when the request may go on, else the seconds to wait."""
@@ -306,20 +368,40 @@ class _SharedClient:
     def __init__(self, inner: RedisBuckets) -> None:
         self.inner = inner
 
+    @property
+    def enabled(self) -> bool:
+        return self.inner.enabled
+
+    @property
+    def synchronous(self) -> bool:
+        return self.inner.synchronous
+
     async def take(self, key: str, now: float) -> tuple[bool, float]:
         return await self.inner.take(key, now)
 
+    def take_now(self, key: str, now: float) -> tuple[bool, float]:
+        return self.inner.take_now(key, now)
+
     async def close(self) -> None:
         return None
+
+
+RATE_LIMITERS_KEY: web.AppKey[list[RateLimiter]] = web.AppKey("rate_limiters", list)
 
 
 def install(
     app: web.Application, config: RateLimitConfig, clock: Callable[[], float] = time.time
 ) -> RateLimiter:
     """Add the rate-limit middleware to `app` (inside its error middleware, so a refusal is
-    JSON) and close the backend on cleanup. Call before the app starts."""
+    JSON; none when both rates are off) and close the backend on cleanup. Call before the app
+    starts. The limiter is listed under `RATE_LIMITERS_KEY` (its middleware as `installed`),
+    for fast responders that answer outside the middleware chain and must apply it
+    themselves."""
     limiter = make_limiter(config, clock)
-    app.middlewares.append(limiter.middleware())
+    if limiter.enabled:  # both rates off: no middleware to run on every request
+        limiter.installed = limiter.middleware()
+        app.middlewares.append(limiter.installed)
+    app.setdefault(RATE_LIMITERS_KEY, []).append(limiter)
 
     async def close(_app: web.Application) -> None:
         await limiter.close()

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from control import tus_protocol as tp
 from control.auth import authenticate
@@ -28,11 +28,18 @@ from control.validation import upload_request
 from vodcore.errors import BAD_REQUEST, NOT_FOUND, VALIDATION, ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-CHUNK = 256 * 1024
 
 
 def _tus_headers() -> dict[str, str]:
     return {"Tus-Resumable": tp.TUS_VERSION, "Cache-Control": "no-store"}
+
+
+async def body_chunks(content: StreamReader) -> AsyncIterator[bytes]:
+    """The body as the buffers it arrived in: `readchunk` hands each one over as it is, where
+    `readany` / `iter_any` first join whatever is buffered (a copy of every byte: a quarter
+    of control's CPU in a 1 GiB upload, py-spy)."""
+    async for data, _end_of_http_chunk in content.iter_chunks():
+        yield data
 
 
 def tus_handler(fn: Handler) -> Handler:
@@ -122,7 +129,7 @@ class TusEndpoint:
                 patched = await self.uploads.patch(
                     created.session_id,
                     0,
-                    request.content.iter_chunked(CHUNK),
+                    body_chunks(request.content),
                     now=now,
                     content_length=request.content_length,
                     checksum=checksum,
@@ -165,7 +172,7 @@ class TusEndpoint:
         patched = await self.uploads.patch(
             sid,
             offset,
-            request.content.iter_chunked(CHUNK),
+            body_chunks(request.content),
             now=time.time(),
             content_length=request.content_length,
             checksum=checksum,

@@ -13,8 +13,8 @@ Rules:
 - The same pass looks at up to `orphan_limit` session files untouched for `orphan_grace`
   seconds and deletes the orphans among them:
   any file of a session that is gone or complete (a crash between the row delete and the file
-  delete, a completion cut short), and the stage / completion-link files of an open session
-  (a PATCH or completion that died). A live `.part` or `.chunk` of an open session is kept.
+  delete, a completion cut short), and the completion-link files of an open session
+  (a completion that died). The live files of an open session are kept.
 - `run_expiry` repeats a pass every `interval` seconds until `stop` is set; an error in a pass
   (database away) is logged and the next pass tries again.
 """
@@ -32,7 +32,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from control.uploads import OPEN, SESSION_FILE, abandon
+from control.upload_files import SESSION_FILE
+from control.uploads import OPEN, abandon
 from vodcore.config import Settings
 from vodcore.db.schema import upload_sessions
 
@@ -157,7 +158,7 @@ async def _sweep_orphans(engine: AsyncEngine, uploads_dir: Path, horizon: float,
     for sid, paths in groups.items():
         if status.get(sid) == OPEN:
             # keep the data of a live upload; drop what a dead PATCH or completion left
-            doomed += [p for p in paths if p.suffix in (".stage", ".final")]
+            doomed += [p for p in paths if p.suffix == ".final"]
         else:
             doomed += paths
     return await asyncio.to_thread(_unlink, doomed)

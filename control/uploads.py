@@ -1,37 +1,32 @@
 """Upload sessions: creation (video + session in one transaction), PATCH bodies committed at an
 offset, completion (source object stored, video UPLOADED, transcode job enqueued), termination.
-
-Files, all in DATA/uploads (which every control process serving one database must share):
-- `{sid}.part`: the contiguous prefix of the upload received so far (its size is what it holds);
-- `{sid}.{start:020d}.{token}.stage`: one PATCH body while it arrives, private to that request;
-- `{sid}.{start:020d}.chunk`: a committed body not yet appended to `.part`.
+The session's local files, its lock and the body writer are `control/upload_files.py`.
 
 Rules:
 1. The database offset is the truth about where the next PATCH starts, and it only moves by a
    compare-and-set: `UPDATE … SET offset = new WHERE id = ? AND offset = old AND status = 'open'
-   AND expires_at > now`. Of two PATCHes at one offset, in one process or in two processes
-   sharing the database, exactly one CAS succeeds; the other is a 409 and its staged bytes are
-   deleted, so a loser never writes a byte the upload keeps. In one process a per-session lock
-   also makes the second PATCH wait (bounded) instead of streaming its body in vain.
-2. A body goes to its own stage file, hashed on the way if it came with `Upload-Checksum`, and
-   is fsynced before the CAS. A checksum mismatch (460), a body going past `Upload-Length` (413),
-   or a body cut short while a checksum was promised keep nothing. A body cut short without a
-   checksum keeps what arrived (tus §6 PATCH: store as much of the received data as possible).
-3. The CAS winner renames its stage to the chunk name and compacts: chunks are copied into
-   `.part` in offset order (positional writes), `.part` is fsynced, then the chunks are deleted.
-   Compaction is idempotent and any process may run it; two compactors write the same bytes at
-   the same positions, and a compaction cut short is redone from the chunk, which is still there.
-4. A winner that dies between its CAS and its rename leaves the offset ahead of the data: no
-   chunk starts at `.part`'s end and no stage for that start has moved for `stage_grace`
-   seconds. HEAD and completion then move the offset back to `.part`'s size (CAS) and drop
-   chunks beyond it, so the client resumes from what is really stored. (Known limit: a winner
-   elsewhere whose rename lands after that sweep leaves a chunk of the same upload's bytes at a
-   later offset; it is only ever read if the client resends that range.)
+   AND expires_at > now`.
+2. One writer at a time per session: a PATCH takes this process's lock on the session, then the
+   session's `flock` (shared by every control process on one uploads directory), each waited for
+   at most `lock_wait` seconds (then a 409). Under the lock it reads the offset again: a PATCH
+   whose offset is no longer the session's is a 409 without a byte of its body written. Of two
+   PATCHes at one offset, in one process or in two, exactly one therefore writes; the other is a
+   409.
+3. The winner writes its body once, straight into `.part` at the offset (cutting whatever a dead
+   writer left past it), fsyncs, and moves the offset by its CAS; any failure first (checksum
+   mismatch 460, body past `Upload-Length` 413, a body cut short while a checksum was promised,
+   the CAS itself) cuts `.part` back to the offset. A body cut short without a checksum keeps
+   what arrived (tus §6 PATCH). A body silent for `body_idle` seconds counts as cut short, so a
+   vanished client does not hold the lock for ever.
+4. As every commit is fsynced before its CAS, `.part` always holds at least the offset's bytes.
+   Should it not (a disk that lost data), HEAD and completion move the offset back to what it
+   holds, under the lock, so the client resumes from what is really stored.
 5. Completion: offset = length and `.part` whole → a private hard link of `.part` is moved into
    the object store under `source/{videoId}/original` (never deleted) → in one transaction the
    session becomes `complete` (CAS on `open`), the video UPLOADED and a transcode job queued →
-   `.part` is removed. UPLOADED therefore always means the source is whole. Idempotent: a repeat
-   (or a racing completion in another process) returns the same video and its state.
+   the session's files are removed. UPLOADED therefore always means the source is whole.
+   Idempotent: a repeat (or a racing completion in another process) returns the same video and
+   its state.
 6. Termination (tus §7.5) and expiry (§7.3, `control/upload_expiry.py`) go through `abandon`:
    in one transaction the open session row is deleted (CAS on status, and on expiry for the
    sweeper), the video too if it is still UPLOADING (it never had a byte of source), and an
@@ -39,22 +34,22 @@ Rules:
    idempotent, and a PATCH racing it loses its CAS. Afterwards the resource is 404.
 7. The creator who made an upload (or an operator) is the only one who may HEAD, PATCH or
    DELETE it (403 otherwise).
-8. When the object store is S3 (a `MultipartStore`), rules 2-5 keep their staging, checksums and
-   compare-and-set, but the committed bytes go into the session's S3 multipart upload instead of
-   `.part` (tus on S3), and `method: "s3-multipart"` sessions take their bytes from the client
-   straight to S3 through presigned part URLs: both are `control/multipart.py`, whose rules
-   (part sizes, the per-session file lock, the local remainder buffer, verification at
-   completion) apply. Termination and expiry abort the multipart upload.
+8. When the object store is S3 (a `MultipartStore`), rules 1-4 hold with the session's local S3
+   buffer in place of `.part` (tus on S3: whole parts go to the session's S3 multipart upload),
+   and `method: "s3-multipart"` sessions take their bytes from the client straight to S3
+   through presigned part URLs: both are `control/multipart.py`, whose rules (part sizes, the
+   local remainder buffer, verification at completion) apply. Termination and expiry abort the
+   multipart upload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -62,7 +57,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -70,6 +64,15 @@ from control import multipart as mp
 from control import tus_protocol as tp
 from control.auth import Principal
 from control.ids import is_id, new_id
+from control.upload_files import (
+    BODY_IDLE_SECONDS,
+    cut,
+    file_size,
+    part_path,
+    remove_files,
+    session_flock,
+    write_body,
+)
 from control.validation import UploadRequest
 from vodcore.config import Settings
 from vodcore.db import jobs as jobq
@@ -80,7 +83,6 @@ from vodcore.errors import (
     FORBIDDEN,
     GONE,
     NOT_FOUND,
-    TOO_LARGE,
     UPLOAD_STATE,
     VALIDATION,
     ApiError,
@@ -94,10 +96,6 @@ log = logging.getLogger("vod.uploads")
 
 TRANSCODE = "transcode"
 OPEN, COMPLETE = "open", "complete"
-BODY_ERRORS = (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError)
-_CHUNK_NAME = re.compile(r"\.(\d{20})\.chunk$")
-# any file of a session: {sid}.part, {sid}.{start}.chunk, {sid}.{start}.{token}.stage|.final
-SESSION_FILE = re.compile(r"^(us_[a-z2-7]{16})\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,103 +134,6 @@ class Patched:
 class _LockEntry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
-
-
-# --- files ------------------------------------------------------------------------------------
-
-
-def part_path(uploads_dir: Path, session_id: str) -> Path:
-    return uploads_dir / f"{session_id}.part"
-
-
-def chunk_path(uploads_dir: Path, session_id: str, start: int) -> Path:
-    return uploads_dir / f"{session_id}.{start:020d}.chunk"
-
-
-def stage_path(uploads_dir: Path, session_id: str, start: int) -> Path:
-    return uploads_dir / f"{session_id}.{start:020d}.{secrets.token_hex(8)}.stage"
-
-
-def session_files(uploads_dir: Path, session_id: str) -> list[Path]:
-    # session ids are checked (`is_id`) before they get here: no glob metacharacters
-    return sorted(uploads_dir.glob(f"{session_id}.*"))
-
-
-def remove_files(uploads_dir: Path, session_id: str) -> int:
-    n = 0
-    for p in session_files(uploads_dir, session_id):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            n += 1
-    return n
-
-
-def _chunks(uploads_dir: Path, session_id: str) -> list[tuple[int, Path]]:
-    out = []
-    for p in uploads_dir.glob(f"{session_id}.*.chunk"):
-        m = _CHUNK_NAME.search(p.name)
-        if m:
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def _copy_at(src: int, dst: int, count: int, dst_offset: int) -> None:
-    """Copy `count` bytes from the start of `src` to `dst` at `dst_offset` (positional)."""
-    done = 0
-    with contextlib.suppress(AttributeError, OSError):
-        while done < count:
-            n = os.copy_file_range(src, dst, count - done, done, dst_offset + done)
-            if n == 0:
-                break
-            done += n
-    while done < count:
-        data = os.pread(src, min(1024 * 1024, count - done), done)
-        if not data:
-            raise OSError(f"chunk shorter than expected ({done} of {count} bytes)")
-        done += os.pwrite(dst, data, dst_offset + done)
-
-
-def compact(uploads_dir: Path, session_id: str) -> int | None:
-    """Append committed chunks to `.part` in offset order; returns `.part`'s size afterwards,
-    None if the session's files are gone (terminated or expired). Idempotent (rule 3)."""
-    try:
-        fd = os.open(part_path(uploads_dir, session_id), os.O_WRONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        size = os.fstat(fd).st_size
-        placed: list[Path] = []
-        for start, path in _chunks(uploads_dir, session_id):
-            if start > size:
-                break  # a gap: an earlier chunk is still being committed (or was lost)
-            try:
-                src = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # another compactor placed it meanwhile
-            try:
-                length = os.fstat(src).st_size
-                if start + length > size:
-                    _copy_at(src, fd, length, start)
-                    size = start + length
-            finally:
-                os.close(src)
-            placed.append(path)
-        if placed:
-            os.fsync(fd)
-            for path in placed:  # only once the bytes are durable in .part
-                path.unlink(missing_ok=True)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
-def _stage_in_flight(uploads_dir: Path, session_id: str, start: int, grace: float) -> bool:
-    horizon = time.time() - grace
-    for p in uploads_dir.glob(f"{session_id}.{start:020d}.*.stage"):
-        with contextlib.suppress(FileNotFoundError):
-            if p.stat().st_mtime > horizon:
-                return True
-    return False
 
 
 # --- database ---------------------------------------------------------------------------------
@@ -351,18 +252,18 @@ class Uploads:
         store: ObjectStore,
         *,
         lock_wait: float = 5.0,
-        stage_grace: float = 60.0,
+        body_idle: float = BODY_IDLE_SECONDS,
     ) -> None:
-        """`lock_wait`: how long a PATCH waits for another PATCH of the same upload in this
-        process before it is a 409; `stage_grace`: how long a stage file may sit unchanged
-        before a gap it could fill counts as lost (rule 4)."""
+        """`lock_wait`: how long a PATCH waits for another PATCH of the same upload before it
+        is a 409; `body_idle`: how long a body may fall silent before it counts as cut short
+        (rule 3)."""
         self.settings = settings
         self.engine = engine
         self.store = store
         self.dir = settings.uploads_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock_wait = lock_wait
-        self.stage_grace = stage_grace
+        self.body_idle = body_idle
         self._locks: dict[str, _LockEntry] = {}
 
     def part_path(self, session_id: str) -> Path:
@@ -493,34 +394,36 @@ class Uploads:
         return s
 
     async def settled_offset(self, s: Session) -> int:
-        """The offset a client should resume from: the stored one, unless a commit was lost
-        (rule 4), in which case the offset is moved back to what `.part` holds."""
+        """The offset a client should resume from: the stored one, unless the stored bytes
+        fall short of it (rule 4), in which case the offset is moved back to what they hold."""
         if not s.is_open or s.offset == 0:
             return s.offset
         state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
         if state is not None:
             if state.method != mp.METHOD_TUS:
                 return s.offset
-            async with mp.session_flock(self.dir, s.id, self.lock_wait):
+            async with session_flock(self.dir, s.id, self.lock_wait):
                 return await self._s3_settle(s.id, state)
-        size = await asyncio.to_thread(_size, self.part_path(s.id))
-        if size is not None and size >= s.offset:
-            return s.offset
-        size = await asyncio.to_thread(compact, self.dir, s.id)
+        size = await asyncio.to_thread(file_size, self.part_path(s.id))
         if size is None or size >= s.offset:
             return s.offset
-        if await asyncio.to_thread(_stage_in_flight, self.dir, s.id, size, self.stage_grace):
-            return s.offset  # the commit of [size, …) is under way
+        async with session_flock(self.dir, s.id, self.lock_wait):
+            return (await self._fs_settle(s.id)).offset
+
+    async def _fs_settle(self, session_id: str) -> Session:
+        """Under the session's lock: the session as it stands (404 / 410), its offset moved
+        back to `.part`'s size if it was ahead of it."""
+        s = await self.session(session_id, time.time())
+        size = await asyncio.to_thread(file_size, self.part_path(s.id))
+        if not s.is_open or size is None or size >= s.offset:
+            return s
         if not await self._move_offset(s, size):
-            return (await self.session(s.id, time.time())).offset
+            return await self.session(s.id, time.time())
         log.warning(
             "upload %s: offset %d was ahead of the stored bytes; moved back to %d",
             s.id, s.offset, size,
         )  # fmt: skip
-        for start, path in await asyncio.to_thread(_chunks, self.dir, s.id):
-            if start > size:
-                path.unlink(missing_ok=True)
-        return size
+        return dataclasses.replace(s, offset=size)
 
     async def patch(
         self,
@@ -533,15 +436,12 @@ class Uploads:
         checksum: tp.Checksum | None = None,
         principal: Principal | None = None,
     ) -> Patched:
-        """One PATCH (rules 1-3): checks, stage, CAS, commit, and completion on the last byte."""
+        """One PATCH (rules 1-3): checks, the body written under the lock, the offset's CAS,
+        and completion on the last byte."""
         async with self.lock(session_id, self.lock_wait):
             s = await self.session(session_id, now, principal)
             if not s.is_open:
-                raise ApiError(
-                    UPLOAD_STATE,
-                    "the upload is already complete",
-                    headers={"Upload-Offset": str(s.offset)},
-                )
+                raise _already_complete(s.offset)
             tp.check_offset(offset, s.offset)
             tp.check_fits(offset, content_length, s.size_bytes)
             state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
@@ -570,32 +470,44 @@ class Uploads:
         content_length: int | None,
         checksum: tp.Checksum | None,
     ) -> tuple[int, bool]:
-        """Stage the body, then CAS the offset; returns (offset after, body interrupted)."""
-        stage, written, interrupted = await self._stage_body(s, body, content_length, checksum)
-        committed = False
+        """Rules 2-3 on the filesystem; returns (offset after, body interrupted)."""
+        async with session_flock(self.dir, s.id, self.lock_wait):
+            s = _still_at(s, await self._fs_settle(s.id))
+            part = self.part_path(s.id)
+            return await self._write_and_cas(s, part, s.offset, body, content_length, checksum)
+
+    async def _write_and_cas(
+        self,
+        s: Session,
+        path: Path,
+        position: int,
+        body: AsyncIterator[bytes],
+        content_length: int | None,
+        checksum: tp.Checksum | None,
+    ) -> tuple[int, bool]:
+        """The body into `path` at `position` (which stands for the session's offset), then
+        the offset's CAS; on any failure the file is cut back to `position`."""
         try:
-            if written == 0:
-                return s.offset, interrupted
-            new_offset = s.offset + written
-            try:
-                await asyncio.to_thread(os.utime, stage)  # fresh: a commit is under way (rule 4)
-            except FileNotFoundError:
-                # termination or expiry removed the session's files while the body arrived
-                await self.session(s.id, time.time())  # 404 / 410
-                raise ApiError(UPLOAD_STATE, "the staged body was removed; retry") from None
-            await self._cas_offset(s, new_offset)
-            try:
-                await asyncio.to_thread(os.replace, stage, chunk_path(self.dir, s.id, s.offset))
-            except FileNotFoundError:
-                raise ApiError(NOT_FOUND, "the upload was terminated meanwhile") from None
-            committed = True
-            if await asyncio.to_thread(compact, self.dir, s.id) is None:
-                raise ApiError(NOT_FOUND, "the upload was terminated meanwhile")
-            return new_offset, interrupted
-        finally:
-            if not committed:
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(stage.unlink, missing_ok=True)
+            w = await write_body(
+                path,
+                position,
+                body,
+                room=s.size_bytes - s.offset,
+                content_length=content_length,
+                checksum=checksum,
+                idle=self.body_idle,
+            )
+        except FileNotFoundError:
+            await self.session(s.id, time.time())  # 404 / 410
+            raise ApiError(NOT_FOUND, "the upload was terminated meanwhile") from None
+        if w.count == 0:
+            return s.offset, w.interrupted
+        try:
+            await self._cas_offset(s, s.offset + w.count)
+        except BaseException:
+            await asyncio.to_thread(cut, path, position)
+            raise
+        return s.offset + w.count, w.interrupted
 
     async def _move_offset(self, s: Session, new_offset: int, *, unexpired: bool = False) -> bool:
         """Compare-and-set the offset of an open session from `s.offset`; False: it moved."""
@@ -626,27 +538,22 @@ class Uploads:
         content_length: int | None,
         checksum: tp.Checksum | None,
     ) -> tuple[int, bool]:
-        """tus on S3 (rule 8): stage and check the body as `_commit` does, then under the
-        session's file lock CAS the offset, append to the buffer and upload whole parts."""
-        stage, written, interrupted = await self._stage_body(s, body, content_length, checksum)
-        try:
-            if written == 0:
-                return s.offset, interrupted
-            async with mp.session_flock(self.dir, s.id, self.lock_wait):
-                state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
-                if state is None:  # terminated or expired while the body arrived
-                    await self.session(s.id, time.time())
-                    raise ApiError(NOT_FOUND, "the upload was terminated meanwhile")
-                await self._s3_settle(s.id, state)
-                new_offset = s.offset + written
-                await self._cas_offset(s, new_offset)
-                buf = mp.buffer_path(self.dir, s.id, state.base)
-                await asyncio.to_thread(mp.append_at, buf, stage, s.offset - state.base)
+        """tus on S3 (rule 8): as `_commit`, into the session's local buffer, then whole parts
+        go to S3."""
+        async with session_flock(self.dir, s.id, self.lock_wait):
+            state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
+            if state is None:  # terminated or expired meanwhile
+                await self.session(s.id, time.time())
+                raise ApiError(NOT_FOUND, "the upload was terminated meanwhile")
+            await self._s3_settle(s.id, state)
+            s = _still_at(s, await self.session(s.id, time.time()))
+            buf = mp.buffer_path(self.dir, s.id, state.base)
+            done = await self._write_and_cas(
+                s, buf, s.offset - state.base, body, content_length, checksum
+            )
+            if done[0] != s.offset:
                 await self._flush_parts(s.id, state, final=False)
-            return new_offset, interrupted
-        finally:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(stage.unlink, missing_ok=True)
+            return done
 
     async def _s3_settle(self, session_id: str, state: mp.MultipartState) -> int:
         """Under the session's file lock: repair the buffer, and move a database offset that
@@ -675,7 +582,7 @@ class Uploads:
         assert isinstance(store, MultipartStore)
         while True:
             buf = mp.buffer_path(self.dir, session_id, state.base)
-            length = await asyncio.to_thread(_size, buf) or 0
+            length = await asyncio.to_thread(file_size, buf) or 0
             if not (length >= state.part_size or (final and length > 0)):
                 return
             n = min(length, state.part_size)
@@ -685,49 +592,6 @@ class Uploads:
             state.parts.append(PartInfo(number, etag, n))
             await asyncio.to_thread(mp.save_state, self.dir, session_id, state)
             await asyncio.to_thread(mp.settle_buffer, self.dir, session_id, state.base)
-
-    async def _stage_body(
-        self,
-        s: Session,
-        body: AsyncIterator[bytes],
-        content_length: int | None,
-        checksum: tp.Checksum | None,
-    ) -> tuple[Path, int, bool]:
-        """The body into its own stage file, fsynced, checked against its checksum; returns
-        (stage, bytes written, interrupted). On an error the stage file is gone."""
-        remaining = s.size_bytes - s.offset
-        stage = stage_path(self.dir, s.id, s.offset)
-        hasher = checksum.hasher() if checksum else None
-        written, interrupted, ok = 0, False, False
-        f = await asyncio.to_thread(open, stage, "xb")
-        try:
-            try:
-                try:
-                    async for data in body:
-                        if written + len(data) > remaining:
-                            raise ApiError(TOO_LARGE, "the body goes past Upload-Length")
-                        await asyncio.to_thread(_write, f, data, hasher)
-                        written += len(data)
-                except BODY_ERRORS:
-                    interrupted = True  # the client went away mid-body
-                if content_length is not None and written != content_length:
-                    interrupted = True
-                await asyncio.to_thread(_flush, f)
-            finally:
-                f.close()
-            if checksum is not None and hasher is not None:
-                if interrupted:
-                    raise ApiError(
-                        BAD_REQUEST, "the upload body was interrupted; nothing of it was kept"
-                    )
-                if not checksum.matches(hasher.digest()):
-                    raise tp.checksum_mismatch(s.offset)
-            ok = True
-            return stage, written, interrupted
-        finally:
-            if not ok:
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(stage.unlink, missing_ok=True)
 
     async def complete(
         self, session_id: str, now: float, req: mp.CompleteRequest | None = None
@@ -750,25 +614,21 @@ class Uploads:
             raise _incomplete(s.offset, s.size_bytes)
         if state is not None:
             return await self._complete_tus_s3(s, req, now)
-        offset = await self.settled_offset(s)
-        if offset != s.size_bytes:
-            raise _incomplete(offset, s.size_bytes)
-        size = await asyncio.to_thread(compact, self.dir, s.id)
-        if size != s.size_bytes:
-            if size is None:  # files gone: completed or abandoned by someone else meanwhile
-                return await self._completed_meanwhile(session_id, now)
-            raise ApiError(
-                UPLOAD_STATE,
-                "the last bytes are still being written; retry",
-                extra={"offset": size, "sizeBytes": s.size_bytes},
-            )
         link = self.dir / f"{session_id}.{secrets.token_hex(8)}.final"
-        try:
-            await asyncio.to_thread(os.link, self.part_path(session_id), link)
-        except FileNotFoundError:
-            return await self._completed_meanwhile(session_id, now)
+        async with session_flock(self.dir, s.id, self.lock_wait):
+            offset = (await self._fs_settle(s.id)).offset
+            if offset != s.size_bytes:
+                raise _incomplete(offset, s.size_bytes)
+            # past the offset there is nothing (no PATCH goes past the length) but be sure
+            await asyncio.to_thread(cut, self.part_path(session_id), s.size_bytes)
+            try:
+                await asyncio.to_thread(os.link, self.part_path(session_id), link)
+            except FileNotFoundError:
+                return await self._completed_meanwhile(session_id, now)
         try:
             info = await self.store.put_file(source_key(s.video_id), link, move=True)
+        except FileNotFoundError:  # a racing completion finished first and removed our link
+            return await self._completed_meanwhile(session_id, now)
         finally:
             await asyncio.to_thread(link.unlink, missing_ok=True)
         return await self._verify_and_finish(s, info, req.sha256, now)
@@ -786,7 +646,7 @@ class Uploads:
         mp.check_parts(req.parts, mp.part_count(s.size_bytes, state.part_size))
         store = self.store
         assert isinstance(store, MultipartStore)
-        async with mp.session_flock(self.dir, s.id, self.lock_wait):
+        async with session_flock(self.dir, s.id, self.lock_wait):
             try:
                 held = await store.list_parts(state.key, state.upload_id)
             except MultipartError as e:
@@ -804,7 +664,7 @@ class Uploads:
     ) -> tuple[str, str]:
         """tus on S3 (multipart rule "tus on S3"): the remainder as the last part, then
         CompleteMultipartUpload into the source key."""
-        async with mp.session_flock(self.dir, s.id, self.lock_wait):
+        async with session_flock(self.dir, s.id, self.lock_wait):
             state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
             if state is None:  # completed or abandoned by someone else meanwhile
                 return await self._completed_meanwhile(s.id, now)
@@ -898,9 +758,12 @@ class Uploads:
         return s.video_id, state.value
 
     async def _completed_meanwhile(self, session_id: str, now: float) -> tuple[str, str]:
+        """Another completion removed the session's files while this one waited for its lock;
+        the lock file this one opened again goes too."""
         s = await self.session(session_id, now)  # 404 if it was abandoned
         if s.status != COMPLETE:
             raise ApiError(UPLOAD_STATE, "the upload's data is missing; upload it again")
+        await asyncio.to_thread(remove_files, self.dir, session_id)
         return s.video_id, await self._video_state(s.video_id)
 
     async def _video_state(self, video_id: str, conn: Any = None) -> str:
@@ -927,6 +790,22 @@ class Uploads:
                 raise ApiError(UPLOAD_STATE, "the upload completed meanwhile")
 
 
+def _still_at(s: Session, cur: Session) -> Session:
+    """`cur`, the session read again under its lock, if it is still open and still at the
+    offset the PATCH `s` was checked against (else 409)."""
+    if not cur.is_open:
+        raise _already_complete(cur.offset)
+    if cur.offset != s.offset:
+        raise tp.offset_mismatch(s.offset, cur.offset)
+    return cur
+
+
+def _already_complete(offset: int) -> ApiError:
+    return ApiError(
+        UPLOAD_STATE, "the upload is already complete", headers={"Upload-Offset": str(offset)}
+    )
+
+
 def _incomplete(offset: int, size: int) -> ApiError:
     return ApiError(
         UPLOAD_STATE,
@@ -934,21 +813,3 @@ def _incomplete(offset: int, size: int) -> ApiError:
         headers={"Upload-Offset": str(offset)},
         extra={"offset": offset, "sizeBytes": size},
     )
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
-def _write(f: Any, data: bytes, hasher: tp.Hasher | None) -> None:
-    if hasher is not None:
-        hasher.update(data)  # hashlib lets go of the GIL for large buffers
-    f.write(data)
-
-
-def _flush(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())

@@ -14,7 +14,11 @@ read; PATCH and moderation invalidate the video's entry when they change it (sta
 for changes made elsewhere, e.g. the transcoder's publish, are in `control.metacache`). The
 cached row carries the video's revocation cutoff, so playback reads nothing else; tokens are
 minted once per video, second and signing key (Ed25519 is deterministic, so a second mint
-would give the same bytes anyway).
+would give the same bytes anyway), and the answer's bytes are made once per video and second
+too. A plain `GET …/playback` of a public READY video whose row is in this process's memory
+is answered below aiohttp, from the connection's `data_received` (`PlaybackFastPath`: the
+same bytes, metrics, access line and IP rate limit, without aiohttp's per-request machinery);
+anything else about the request or the video goes the full path.
 
 Visibility (issue 6: "private and unlisted videos are never in search and get playback tokens
 only for their owner or operator"); the owner is the key that created the video, and operators
@@ -44,12 +48,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -57,9 +63,11 @@ from control.auth import Principal, authenticate, may_manage, optional_principal
 from control.engagement import counters, counters_many
 from control.ids import is_id
 from control.listing import owner_page, page_query
-from control.metacache import METACACHE_KEY, MetaCache
+from control.metacache import ABSENT, METACACHE_KEY, MetaCache
 from control.negcache import MISSING, NegativeCache
+from control.ratelimit import RATE_LIMITERS_KEY, RateLimiter
 from control.validation import decode_json, video_patch
+from vodcore import metrics
 from vodcore.config import Settings
 from vodcore.db.schema import videos
 from vodcore.db.videos import append_event, get_video
@@ -72,7 +80,9 @@ from vodcore.errors import (
     UNAUTHENTICATED,
     ApiError,
 )
+from vodcore.fastpath import sniff
 from vodcore.lifecycle import State
+from vodcore.server import FAST_PATH_KEY, fast_path_skippable, write_access_line
 from vodcore.tokens import SigningKeys
 
 VideoRow = Mapping[Any, Any]  # a database row or the metadata cache's dict of one
@@ -166,7 +176,9 @@ class Videos:
         self.negative = negative if negative is not None else NegativeCache()
         self.meta = meta if meta is not None else MetaCache.from_settings(settings, engine)
         self._tokens: dict[tuple[str, int, str], tuple[str, str | None]] = {}
-        self._tokens_at = 0  # the second `_tokens` was minted in
+        self._tokens_at = 0  # the second `_tokens` and `_answers` were made in
+        # video id -> (the cached row it was made from, token, JSON body, whole HTTP answer)
+        self._answers: dict[str, tuple[VideoRow, str, bytes, bytes | None]] = {}
 
     def routes(self, app: web.Application) -> None:
         # Moderation finds the cache here when it is not handed one (control.moderation).
@@ -178,6 +190,8 @@ class Videos:
         app.router.add_get("/v1/videos/{id}/playback", self.playback)
         app.router.add_get("/v1/me/videos", self.mine)
         app.router.add_get("/v1/keys/jwks.json", self.jwks)
+        if FAST_PATH_KEY not in app:
+            app[FAST_PATH_KEY] = PlaybackFastPath(self, app)
 
     async def _load(self, video_id: str) -> VideoRow:
         """The video (its cached row, with its "cutoff"), unless it is unknown, blocked or
@@ -277,10 +291,24 @@ class Videos:
         state = v["state"]
         if state != "READY" or v["current_version"] is None:
             raise ApiError(NOT_READY, f"the video is {state}, not READY", extra={"state": state})
+        return web.Response(
+            body=self._answer(v)[2],
+            content_type="application/json",
+            charset="utf-8",
+            headers=PRIVATE_NO_STORE,
+        )
+
+    def _answer(self, v: VideoRow) -> tuple[VideoRow, str, bytes, bytes | None]:
+        """The playback answer for a READY video's cached row: (row, token, JSON body, whole
+        HTTP response or None until `playback_response` made it). The same bytes for every
+        request of one second and row, so they are made once per video and second."""
         token, expires = self._token(v["id"], v["cutoff"])
+        memo = self._answers.get(v["id"])
+        if memo is not None and memo[0] is v and memo[1] == token:
+            return memo
         body = {
             "videoId": v["id"],
-            "state": state,
+            "state": v["state"],
             **playback_urls(
                 self.settings.edge_url,
                 v["id"],
@@ -291,7 +319,27 @@ class Videos:
             "durationSeconds": v["duration_seconds"],
             "expiresAt": expires,
         }
-        return _json(body, PRIVATE_NO_STORE)
+        memo = self._answers[v["id"]] = (v, token, orjson.dumps(body), None)
+        return memo
+
+    def playback_response(self, v: VideoRow) -> tuple[bytes, int]:
+        """The whole HTTP/1.1 response `playback` gives for a READY video's cached row, as
+        aiohttp would send it (the same fields in the same order), and its body's length."""
+        memo = self._answer(v)
+        whole = memo[3]
+        if whole is None:
+            body = memo[2]
+            head = (
+                "HTTP/1.1 200 OK\r\n"
+                "Cache-Control: private, no-store\r\n"
+                "Content-Type: application/json; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                f"Date: {rfc822_formatted_time()}\r\n"
+                f"Server: {SERVER_SOFTWARE}\r\n\r\n"
+            )
+            whole = head.encode("latin-1") + body
+            self._answers[v["id"]] = (memo[0], memo[1], body, whole)
+        return whole, len(memo[2])
 
     def _token(self, video_id: str, cutoff: float | None) -> tuple[str, str | None]:
         """A playback token for the video and its expiry; the same for every request of one
@@ -299,6 +347,7 @@ class Videos:
         now = int(time.time())
         if now != self._tokens_at or len(self._tokens) >= 10_000:
             self._tokens.clear()
+            self._answers.clear()  # they hold this second's tokens (and Date)
             self._tokens_at = now
         # A token issued in the second of a takedown would read as older than its cutoff.
         issued = max(now, math.ceil(cutoff)) if cutoff is not None else now
@@ -313,3 +362,101 @@ class Videos:
     async def jwks(self, _request: web.Request) -> web.Response:
         # Public keys only; edges cache them. Short max-age so rotation propagates quickly.
         return web.json_response(self.keys.jwks(), headers={"Cache-Control": "max-age=60"})
+
+
+PLAYBACK_PREFIX = b"GET /v1/videos/"
+
+
+class PlaybackFastPath:
+    """`GET /v1/videos/{id}/playback` of a public READY video whose row this process holds in
+    memory, answered from the protocol's `data_received` (`vodcore.server.FastResponder`)
+    with one write, without aiohttp's request, response, router and middleware machinery,
+    which cost a hot playback answer ~70% of its time (profile in bench/RESULTS.md).
+
+    It answers only when all of these hold, else aiohttp gets the bytes as usual:
+    - the bytes are one complete bodiless `GET /v1/videos/{id}/playback HTTP/1.1` head with
+      no query and only header fields from `vodcore.fastpath.ALLOWED_FIELDS` (so no
+      Authorization: a key is charged to its own bucket on the full path);
+    - the app runs no middleware beyond those the fast path stands in for (metrics and errors,
+      `vodcore.server.fast_path_may_skip`, and the rate limiters it applies itself, at most
+      one of them enabled and none in Redis) and no `on_response_prepare` hook (CORS adds
+      fields there): decided once, when the first request comes, the app being frozen;
+    - `Videos.meta`'s local level holds the row (a miss, an expired entry, a negative answer
+      go the full path, which reads through and refills it), and the video is READY, public
+      and has a current version (unlisted and private ones need a key);
+    - the client IP's bucket has a token (the fast path takes it as the middleware would;
+      a refusal goes the full path, which answers the 429).
+    The answer is byte for byte what `Videos.playback` sends through aiohttp (the same fields
+    in the same order, the same body), made once per video and second (`playback_response`).
+    Metrics and the access log line are kept.
+    """
+
+    def __init__(self, videos: Videos, app: web.Application, *, access_log: bool = True) -> None:
+        self.videos = videos
+        self.app = app
+        self.access_log = access_log
+        self.served = 0
+        self._usable: bool | None = None  # decided at the first request
+        self._limiter: RateLimiter | None = None
+        self._requests = metrics.REQUESTS.labels("control", "GET", "200")
+        self._latency = metrics.LATENCY.labels("control")
+        self._answers = metrics.FAST_ANSWERS.labels("control")
+
+    def _bind(self) -> bool:
+        app = self.app
+        if not app.frozen:
+            return False  # middlewares may still change: ask again next time
+        limiters = app.get(RATE_LIMITERS_KEY) or []
+        theirs = [lim.installed for lim in limiters if lim.installed is not None]
+        for mw in app.middlewares:
+            if not fast_path_skippable(mw) and not any(mw is t for t in theirs):
+                self._usable = False
+                return False
+        enabled = [lim for lim in limiters if lim.enabled]
+        if (
+            app.on_response_prepare
+            or len(enabled) > 1
+            or not all(lim.synchronous for lim in enabled)
+        ):
+            self._usable = False
+            return False
+        self._limiter = enabled[0] if enabled else None
+        self._usable = True
+        return True
+
+    def answer(self, data: bytes, write: Callable[[bytes], None], remote: str | None) -> bool:
+        if not data.startswith(PLAYBACK_PREFIX):
+            return False
+        t0 = time.perf_counter()
+        req = sniff(data)
+        if req is None or req.head:
+            return False
+        target = req.target
+        video_id = target[11:-9]  # "/v1/videos/" id "/playback"
+        if not target.endswith("/playback") or not is_id(video_id, "vid"):
+            return False
+        if not (self._usable or (self._usable is None and self._bind())):
+            return False
+        meta = self.videos.meta
+        v = meta.peek(video_id)  # (a hit near the entry's end re-reads it in the background)
+        if (
+            v is ABSENT
+            or v is None
+            or v["state"] != "READY"
+            or v["visibility"] != "public"
+            or v["current_version"] is None
+        ):
+            return False
+        limiter = self._limiter
+        if limiter is not None and limiter.check_now(remote, "") > 0:
+            return False  # the full path refuses it (429) with the same bucket
+        whole, length = self.videos.playback_response(v)
+        write(whole)  # the point of no return: nothing below may fail the request
+        self.served += 1
+        self._requests.inc()
+        self._answers.inc()
+        self._latency.observe(time.perf_counter() - t0)
+        if self.access_log:
+            seconds = time.perf_counter() - t0
+            write_access_line(remote, f"GET {target} HTTP/1.1", 200, length, seconds)
+        return True

@@ -23,6 +23,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra=""
 [ "${1:-}" = "dev" ] && extra="[dev]"
+# The browser test (tests/integration/test_cors.py) drives Debian's chromium headless through
+# npm's playwright-core, which downloads no browser of its own.
+if [ -n "$extra" ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+      >/dev/null
+  else
+    echo "no /usr/bin/chromium: the browser test will fail (install Debian's chromium)" >&2
+  fi
+fi
 stamp=".venv/.installed${extra}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip

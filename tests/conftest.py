@@ -1,20 +1,96 @@
-"""Shared fixtures: ffmpeg, synthetic clips made with lavfi sources, free ports."""
+"""Shared fixtures: the backend switch (`--backend`, tests/backends.py), ffmpeg, synthetic
+clips made with lavfi sources, free ports."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+from tests.backends import EMBEDDED, ENV_VAR, KINDS, REDIS_BASE_URL, Backend, Backends, shown
+from tests.pgdb import PG_URL
+from tests.s3server import S3Server
 from vodcore.ffmpeg import ffmpeg_exe
 
 # Property tests check behaviour, not speed: no per-example deadline on shared, busy cores.
 settings.register_profile("vodstack", deadline=None)
 settings.load_profile("vodstack")
+
+# Fixtures through which a test gets its backend: a test that uses none of them cannot depend
+# on `--backend`, so a run on another backend than the embedded one leaves it out.
+BACKEND_FIXTURES = {"backend", "backends"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend",
+        choices=KINDS,
+        default=os.environ.get(ENV_VAR) or EMBEDDED,
+        help="what the backend-dependent tests run on: embedded (SQLite, filesystem store) or"
+        " scale (PostgreSQL, Redis, S3 on moto); default $VOD_TEST_BACKEND or embedded",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "own_backends: the test covers several backends itself (parametrized, or a backend by"
+        " nature); it does not follow --backend and runs in the embedded run only",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    kind = config.getoption("--backend")
+    if kind == EMBEDDED:
+        return "backend: embedded (SQLite + filesystem store, no Redis)"
+    return (
+        f"backend: {kind} (PostgreSQL {shown(PG_URL)}, Redis {shown(REDIS_BASE_URL)}, S3 on"
+        " moto); only the tests that use the `backend` fixture run, the others are deselected"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a backend other than the embedded default, keep only the tests that follow it."""
+    if config.getoption("--backend") == EMBEDDED:
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        follows = BACKEND_FIXTURES & set(getattr(item, "fixturenames", ()))
+        (keep if follows and not item.get_closest_marker("own_backends") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def backends(request: pytest.FixtureRequest) -> Iterator[Backends]:
+    """The session's supply of backends of the kind `--backend` names (see tests/backends.py);
+    module fixtures take theirs with `backends.lease()`."""
+    b = Backends(request.config.getoption("--backend"))
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def backend(backends: Backends) -> Iterator[Backend]:
+    """This test's private backend: `backend.settings(data_dir, …)`, `backend.env()`."""
+    with backends.lease() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def s3(backends: Backends) -> S3Server:
+    """moto's S3 server for the session (the one scale backends get their buckets from) and
+    its default bucket, for the tests of S3 itself."""
+    return backends.s3_server()
 
 
 @pytest.fixture(scope="session")

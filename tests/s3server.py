@@ -19,7 +19,7 @@ import boto3
 from moto.server import ThreadedMotoServer
 
 REGION = "us-east-1"
-_ENV = {
+AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_SESSION_TOKEN": "testing",
@@ -43,8 +43,8 @@ class S3Server:
 @contextmanager
 def s3_server() -> Iterator[S3Server]:
     """Start moto's server, create one bucket, set test credentials; undo all on exit."""
-    saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ.update(_ENV)
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 call otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

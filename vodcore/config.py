@@ -10,7 +10,8 @@ The TOML file has one table per tier plus top-level keys, e.g.
     cache_bytes = 268435456
 
 Environment: VOD_DATA, VOD_CONTROL_PORT, VOD_EDGE_PORT, VOD_SHIELD_PORT, VOD_ORIGIN_PORT,
-VOD_DATABASE_URL, VOD_FFMPEG, VOD_PUBLIC_EDGE_URL; and for an S3 object store (`[s3] bucket`,
+VOD_DATABASE_URL, VOD_FFMPEG, VOD_PUBLIC_EDGE_URL, VOD_CORS_ORIGINS (comma-separated, like
+`cors_origins` in TOML, which may also be a list); and for an S3 object store (`[s3] bucket`,
 `endpoint_url`, `region`, `prefix` in TOML) VOD_S3_BUCKET, VOD_S3_ENDPOINT_URL, VOD_S3_REGION,
 VOD_S3_PREFIX. S3 credentials are not settings: botocore reads AWS_ACCESS_KEY_ID etc.
 """
@@ -67,7 +68,7 @@ class Settings:
     upload_part_bytes: int = 8 * 1024 * 1024
     upload_ttl_seconds: int = 24 * 3600
     upstream_timeout_seconds: float = 30.0
-    # Playback events: the playback_events table unless a Redis URL is given (Redis Streams).
+    # Playback events: the playback_batches table unless a Redis URL is given (Redis Streams).
     redis_url: str | None = None
     # Rate limits (control): token buckets per API key and per client IP, shared by every
     # control process through Redis when `redis_url` is set. A rate of 0 turns one off.
@@ -85,6 +86,9 @@ class Settings:
     s3_endpoint_url: str | None = None  # MinIO, Ceph, R2, moto; default AWS
     s3_region: str | None = None
     s3_prefix: str = ""
+    # Origins whose pages may call the control API (CORS, control/cors.py), e.g.
+    # ("https://app.example",); "*" allows any. Empty: no CORS headers at all.
+    cors_origins: tuple[str, ...] = ()
 
     # Derived locations -------------------------------------------------------------------
     @property
@@ -184,6 +188,8 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
                 disk[tier] = int(table["disk_cache_bytes"])
     changes["cache_bytes"] = cache
     changes["disk_cache_bytes"] = disk
+    if "cors_origins" in doc:  # a list of origins, or one comma-separated string
+        changes["cors_origins"] = _origins(doc["cors_origins"])
     s3 = doc.get("s3")
     if isinstance(s3, dict):
         for key in ("bucket", "endpoint_url", "region", "prefix"):
@@ -210,8 +216,15 @@ def _apply_env(s: Settings, env: os._Environ[str] | dict[str, str]) -> Settings:
         changes["redis_url"] = env["VOD_REDIS_URL"]
     if env.get("VOD_PUBLIC_EDGE_URL"):
         changes["public_edge_url"] = env["VOD_PUBLIC_EDGE_URL"]
+    if env.get("VOD_CORS_ORIGINS"):
+        changes["cors_origins"] = _origins(env["VOD_CORS_ORIGINS"])
     for key in ("bucket", "endpoint_url", "region", "prefix"):
         v = env.get(f"VOD_S3_{key.upper()}")
         if v:
             changes[f"s3_{key}"] = v
     return replace(s, **changes)
+
+
+def _origins(value: str | list[str]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return tuple(o.strip() for o in items if o.strip())

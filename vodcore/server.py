@@ -1,16 +1,19 @@
 """Thin shell shared by every tier's HTTP server: error and metrics middleware, /healthz,
 /metrics, uvloop, logging, and a graceful stop on SIGINT/SIGTERM (aiohttp's run_app drains
-in-flight requests for `shutdown_timeout` seconds before closing)."""
+in-flight requests for `shutdown_timeout` seconds before closing); and the hook for a tier's
+fast responder (`FAST_PATH_KEY`), which answers its commonest request below aiohttp."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import sys
 import time as _time
+import weakref
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import uvloop
 from aiohttp import web
@@ -20,7 +23,6 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError, error_middleware
-from vodcore.fastpath import FastPath
 from vodcore.metrics import metrics_handler, metrics_middleware
 from vodcore.paths import BadPath, split_raw_path
 
@@ -70,8 +72,9 @@ def base_app(
     *,
     client_max_size: int = 1024**2,
 ) -> web.Application:
+    metrics = fast_path_may_skip(metrics_middleware(tier))
     app = web.Application(
-        middlewares=[metrics_middleware(tier), error_middleware],
+        middlewares=[metrics, error_middleware],
         client_max_size=client_max_size,
     )
 
@@ -86,34 +89,122 @@ def base_app(
     return app
 
 
+class _AccessLines:
+    """Access lines of one event-loop iteration, written to stdout together in one write at
+    the end of it (`call_soon`): under load one write per iteration instead of one per
+    request, each a syscall when stdout is unbuffered (PYTHONUNBUFFERED, as `vod up` and the
+    benches run the tiers), which also cost a wait whenever the log's file system was busy."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.pending = False
+        self._second = -1
+        self._stamp = ""
+        atexit.register(self.flush)
+
+    def stamp(self) -> str:
+        now = _time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(now))
+        return self._stamp
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        if not self.pending:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop: write it now
+                self.flush()
+                return
+            self.pending = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.pending = False
+        if not self.lines:
+            return
+        text = "".join(self.lines)
+        self.lines.clear()
+        with contextlib.suppress(OSError, ValueError):  # stdout gone (closed pipe): lost
+            sys.stdout.write(text)
+
+
+_access_lines = _AccessLines()
+
+
+def write_access_line(
+    remote: str | None,
+    request_line: str,
+    status: int,
+    length: int,
+    seconds: float,
+    x_cache: str = "-",
+) -> None:
+    """One access line for stdout: `stamp access: addr "request line" status bytes seconds
+    "X-Cache"`, the format of `FastAccessLogger` (fast responders write the same line);
+    written at the end of this event-loop iteration with the others of the iteration."""
+    _access_lines.add(
+        f'{_access_lines.stamp()} access: {remote} "{request_line}" {status} {length} '
+        f'{seconds:.6f} "{x_cache}"\n'
+    )
+
+
 class FastAccessLogger(AbstractAccessLogger):
-    """One access line per request, written straight to stdout.
+    """One access line per request, written to stdout (`write_access_line`).
 
     Fields: `addr "METHOD path HTTP/x.y" status bytes seconds "X-Cache"`. It skips `logging`'s
     per-record machinery and aiohttp's format interpreter, which cost a cache hit 12-18% of
-    its time (profile in bench/RESULTS.md). Lines go through Python's buffered stdout
-    (unbuffered under PYTHONUNBUFFERED, as `vod up` runs the tiers).
+    its time (profile in bench/RESULTS.md). The lines of one event-loop iteration go out in
+    one write at its end, through Python's stdout (unbuffered under PYTHONUNBUFFERED, as
+    `vod up` runs the tiers).
     """
 
-    _second = -1
-    _stamp = ""
-
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        now = _time.time()
-        second = int(now)
-        if second != FastAccessLogger._second:
-            FastAccessLogger._second = second
-            FastAccessLogger._stamp = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(now))
         v = request.version
-        sys.stdout.write(
-            f"{FastAccessLogger._stamp} access: {request.remote} "
-            f'"{request.method} {request.path_qs} HTTP/{v.major}.{v.minor}" '
-            f"{response.status} {response.body_length} {time:.6f} "
-            f'"{response.headers.get("X-Cache", "-")}"\n'
+        write_access_line(
+            request.remote,
+            f"{request.method} {request.path_qs} HTTP/{v.major}.{v.minor}",
+            response.status,
+            response.body_length,
+            time,
+            response.headers.get("X-Cache", "-"),
         )
 
 
-FAST_PATH_KEY: web.AppKey[FastPath] = web.AppKey("fast_path", FastPath)
+class FastResponder(Protocol):
+    """Answers the commonest requests of a tier from `data_received`, before aiohttp parses
+    them (`vodcore.fastpath.FastPath` for cache hits, `control.videos.PlaybackFastPath`).
+
+    `answer` gets bytes that may be one complete request head; it either writes the whole
+    response with `write` and returns True (the write is the point of no return), or writes
+    nothing and returns False, and aiohttp handles the bytes as usual. `access_log` is set by
+    `start_server`: whether the responder writes an access line per answer.
+    """
+
+    access_log: bool
+
+    def answer(self, data: bytes, write: Callable[[bytes], None], remote: str | None) -> bool: ...
+
+
+# Middlewares a fast responder may run without: they only count (the responder counts its
+# answers itself) or turn failures into error responses (a fast answer cannot fail).
+_M = TypeVar("_M", bound=Callable[..., Any])
+_SKIPPABLE: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet([error_middleware])
+
+
+def fast_path_may_skip(middleware: _M) -> _M:
+    """Mark a middleware as one that fast responders may skip; returns it."""
+    _SKIPPABLE.add(middleware)
+    return middleware
+
+
+def fast_path_skippable(middleware: Callable[..., Any]) -> bool:
+    return middleware in _SKIPPABLE
+
+
+FAST_PATH_KEY: web.AppKey[FastResponder] = web.AppKey("fast_path")
 
 
 class _FastHandler(RequestHandler):
@@ -124,7 +215,7 @@ class _FastHandler(RequestHandler):
     can no longer tell (2, fast path off for this connection).
     """
 
-    def __init__(self, *args: Any, fast: FastPath, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fast: FastResponder, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._fast = fast
         self._fast_state = 0
@@ -167,7 +258,7 @@ class _FastHandler(RequestHandler):
 
 
 class _FastServer(Server):
-    fast: FastPath | None = None
+    fast: FastResponder | None = None
 
     def __call__(self) -> RequestHandler:
         if self.fast is None:

@@ -1,5 +1,6 @@
-"""The bad-input corpus (`tests/corpus.py`) through the real transcoder pool: real ffmpeg,
-real SQLite, filesystem store in tmp_path, a time bound per case.
+"""The bad-input corpus (`tests/corpus.py`) through the real transcoder pool: real ffmpeg, on the
+backend `--backend` names (SQLite and the filesystem store in tmp_path, or PostgreSQL and S3),
+a time bound per case.
 
 Each case ends READY with a playable ladder (every referenced file published, even
 dimensions, portrait for the rotated phone video, 8-bit H.264 from a 10-bit source, the
@@ -21,6 +22,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.backends import Backend, local_tree
 from tests.corpus import CASES, FAILED, LIE_SECONDS, READY, Case, build
 from tests.integration.test_transcoder import add_video, video_row
 from transcoder.limits import DEFAULT_LIMITS, Limits, check_limits
@@ -31,7 +33,8 @@ from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import jobs
 from vodcore.ffmpeg import ffmpeg_exe
-from vodcore.store.fs import FilesystemStore
+from vodcore.store import ObjectStore
+from vodcore.store.factory import close_store, make_store
 
 FFMPEG = ffmpeg_exe()
 CASE_SECONDS = 45.0  # per pipeline run; a 2-3 s clip takes 1-3 s on a quiet machine
@@ -45,9 +48,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, backend: Backend) -> Settings:
     # no VMAF report: these cases are about the source, not the ladder's quality
-    return Settings(data_dir=tmp_path / "data", quality_report=False)
+    return backend.settings(tmp_path / "data", quality_report=False)
 
 
 @pytest.fixture
@@ -57,6 +60,13 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     await create_schema(eng)
     yield eng
     await eng.dispose()
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[ObjectStore]:
+    st = make_store(settings)
+    yield st
+    await close_store(st)
 
 
 async def run_jobs(settings: Settings, engine: AsyncEngine, n: int, slots: int) -> float:
@@ -109,8 +119,8 @@ def play(master: Path) -> float:
     return int(h) * 3600 + int(m) * 60 + float(s)
 
 
-def check_ladder(case: Case, row: dict[str, object], store: FilesystemStore) -> None:
-    base = store.root / "media" / "vid" / str(row["current_version"])
+def check_ladder(case: Case, row: dict[str, object], base: Path) -> None:
+    """`base`: a local copy of the version's files (or the filesystem store's own)."""
     master_text = (base / "master.m3u8").read_text()
     uris = parse_master(master_text)
     for uri in uris:  # every referenced playlist and segment is published
@@ -141,10 +151,14 @@ def check_ladder(case: Case, row: dict[str, object], store: FilesystemStore) -> 
 
 @pytest.mark.parametrize("name", PIPELINE_CASES)
 async def test_corpus_through_the_pool(
-    name: str, corpus: dict[str, Case], settings: Settings, engine: AsyncEngine
+    name: str,
+    corpus: dict[str, Case],
+    settings: Settings,
+    engine: AsyncEngine,
+    store: ObjectStore,
+    tmp_path: Path,
 ) -> None:
     case = corpus[name]
-    store = FilesystemStore(settings.store_dir)
     await add_video(engine, store, "vid", case.path)
     await run_jobs(settings, engine, 1, slots=1)
 
@@ -165,14 +179,14 @@ async def test_corpus_through_the_pool(
         assert case.expect == READY
         assert row["state"] == "READY", row["failure_reason"]
         assert set(states) == {"done"}  # every stage of the DAG
-        check_ladder(case, row, store)
+        version = f"media/vid/{row['current_version']}/"
+        check_ladder(case, row, await local_tree(settings, version, tmp_path / "ladder"))
     assert list((settings.data_dir / "tmp").iterdir()) == []
 
 
 async def test_bad_jobs_do_not_stall_a_good_one(
-    corpus: dict[str, Case], settings: Settings, engine: AsyncEngine
+    corpus: dict[str, Case], settings: Settings, engine: AsyncEngine, store: ObjectStore
 ) -> None:
-    store = FilesystemStore(settings.store_dir)
     bad = [c for c in corpus.values() if c.expect == FAILED]
     for case in bad:
         await add_video(engine, store, case.name, case.path)

@@ -1,4 +1,5 @@
-"""Event-log consumers: offsets move with the derived writes, in one transaction."""
+"""Event-log consumers: offsets move with the derived writes, in one transaction (on the database
+`--backend` names: SQLite or PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tests.backends import Backend
 from vodcore.db import consumers as c
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.videos import append_event
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+async def engine(tmp_path: Path, backend: Backend) -> AsyncIterator[AsyncEngine]:
+    eng = make_engine(backend.settings(tmp_path).db_url)
     await create_schema(eng)
     yield eng
     await eng.dispose()

@@ -1,5 +1,6 @@
-"""Control over real sockets: a stock tus client (tuspy) uploads through a proxy that cuts
-the connection mid-PATCH, resumes, and completes; plus the bad-input table of the API."""
+"""Control over real sockets (a `vod control` process on the backend `--backend` names): a stock
+tus client (tuspy) uploads through a proxy that cuts the connection mid-PATCH, resumes, and
+completes; plus the bad-input table of the API."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,58 +19,89 @@ import requests
 from tusclient import client as tus_client
 
 from control.auth import create_key
+from tests.backends import Backend, Backends, read_object, run_sync
 from tests.conftest import free_port
 from tests.faultproxy import CuttingProxy
 from tests.procs import VodProcess, wait_http
+from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import jobs, videos
+from vodcore.layout import source_key
 
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
-def _make_key(data: Path, role: str) -> str:
+@dataclass
+class Control:
+    url: str
+    settings: Settings  # what the process runs on (its data dir, database, store)
+    key: str
+
+    def rows(self, table: str) -> list[dict[str, object]]:
+        async def go() -> list[dict[str, object]]:
+            engine = make_engine(self.settings.db_url)
+            t = {"videos": videos, "jobs": jobs}[table]
+            try:
+                async with engine.connect() as conn:
+                    return [dict(r._mapping) for r in (await conn.execute(t.select())).all()]
+            finally:
+                await engine.dispose()
+
+        return run_sync(go)
+
+    def source(self, vid: str) -> bytes:
+        """The stored upload, from whichever object store the process uses."""
+        return run_sync(lambda: read_object(self.settings, source_key(vid)))
+
+
+def _make_key(settings: Settings, role: str) -> str:
     async def go() -> str:
-        engine = make_engine(f"sqlite+aiosqlite:///{data / 'vod.db'}")
-        await create_schema(engine)
-        async with engine.begin() as conn:
-            key = await create_key(conn, role, 0.0)
-        await engine.dispose()
-        return key
+        engine = make_engine(settings.db_url)
+        try:
+            await create_schema(engine)
+            async with engine.begin() as conn:
+                return await create_key(conn, role, 0.0)
+        finally:
+            await engine.dispose()
 
     return asyncio.run(go())
 
 
-def _db_rows(data: Path, table: str) -> list[dict[str, object]]:
-    async def go() -> list[dict[str, object]]:
-        engine = make_engine(f"sqlite+aiosqlite:///{data / 'vod.db'}")
-        t = {"videos": videos, "jobs": jobs}[table]
-        async with engine.connect() as conn:
-            rows = [dict(r._mapping) for r in (await conn.execute(t.select())).all()]
-        await engine.dispose()
-        return rows
-
-    return asyncio.run(go())
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
-    data = tmp_path / "var"
+def _control(root: Path, backend: Backend) -> Iterator[Control]:
+    data = root / "var"
     data.mkdir()
-    key = _make_key(data, "creator")
+    settings = backend.settings(data)
+    key = _make_key(settings, "creator")
     port = free_port()
-    p = VodProcess(["control", "--data", str(data), "--port", str(port)], tmp_path / "control.log")
+    p = VodProcess(
+        ["control", "--data", str(data), "--port", str(port)],
+        root / "control.log",
+        env=backend.env(),
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=p.proc)
-        yield f"http://127.0.0.1:{port}", data, key
+        yield Control(f"http://127.0.0.1:{port}", settings, key)
     finally:
         assert p.stop() == 0, p.output()
         assert "Traceback" not in p.output(), p.output()
 
 
-def test_tuspy_upload_survives_a_cut_connection(
-    control: tuple[str, Path, str], tmp_path: Path
-) -> None:
-    api, data, key = control
+@pytest.fixture
+def control(tmp_path: Path, backend: Backend) -> Iterator[Control]:
+    yield from _control(tmp_path, backend)
+
+
+@pytest.fixture(scope="module")
+def shared_control(
+    tmp_path_factory: pytest.TempPathFactory, backends: Backends
+) -> Iterator[Control]:
+    """One process for the bad-input table: a refused request changes nothing."""
+    with backends.lease() as backend:
+        yield from _control(tmp_path_factory.mktemp("control"), backend)
+
+
+def test_tuspy_upload_survives_a_cut_connection(control: Control, tmp_path: Path) -> None:
+    api, key = control.url, control.key
     auth = {"Authorization": f"Bearer {key}"}
     payload = bytes(range(256)) * 4096 * 3  # 3 MiB
     src = tmp_path / "payload.bin"
@@ -120,10 +153,10 @@ def test_tuspy_upload_survives_a_cut_connection(
         )
         assert c.status_code == 202, c.text
         assert c.json() == {"videoId": up["videoId"], "state": "UPLOADED"}
-    stored = data / "store" / "source" / up["videoId"] / "original"
-    assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(payload).digest()
-    assert len(_db_rows(data, "videos")) == 1
-    job_rows = _db_rows(data, "jobs")
+    stored = control.source(up["videoId"])
+    assert hashlib.sha256(stored).digest() == hashlib.sha256(payload).digest()
+    assert len(control.rows("videos")) == 1
+    job_rows = control.rows("jobs")
     assert [(j["video_id"], j["kind"], j["state"]) for j in job_rows] == [
         (up["videoId"], "transcode", "queued")
     ]
@@ -131,10 +164,8 @@ def test_tuspy_upload_survives_a_cut_connection(
     assert v["state"] == "UPLOADED" and v["title"] == "cut"
 
 
-def test_tus_creation_by_post_for_stock_clients(
-    control: tuple[str, Path, str], tmp_path: Path
-) -> None:
-    api, _data, key = control
+def test_tus_creation_by_post_for_stock_clients(control: Control, tmp_path: Path) -> None:
+    api, key = control.url, control.key
     src = tmp_path / "small.bin"
     src.write_bytes(b"x" * 100_000)
     client = tus_client.TusClient(f"{api}/v1/tus/", headers={"Authorization": f"Bearer {key}"})
@@ -172,7 +203,7 @@ BAD = [
 
 @pytest.mark.parametrize(("method", "path", "headers", "body", "status", "code"), BAD)
 def test_bad_input_gets_a_json_4xx(
-    control: tuple[str, Path, str],
+    shared_control: Control,
     method: str,
     path: str,
     headers: object,
@@ -180,7 +211,7 @@ def test_bad_input_gets_a_json_4xx(
     status: int,
     code: str | None,
 ) -> None:
-    api, _data, key = control
+    api, key = shared_control.url, shared_control.key
     h: dict[str, str] = {}
     if headers in ("AUTH", "TUSAUTH"):
         h["Authorization"] = f"Bearer {key}"
@@ -192,10 +223,11 @@ def test_bad_input_gets_a_json_4xx(
     assert r.status_code == status, r.text
     if code:
         assert r.json()["error"]["code"] == code
+    assert shared_control.rows("videos") == []  # nothing made by a refused request
 
 
-def test_patch_rules(control: tuple[str, Path, str]) -> None:
-    api, _data, key = control
+def test_patch_rules(control: Control) -> None:
+    api, key = control.url, control.key
     auth = {"Authorization": f"Bearer {key}"}
     up = requests.post(
         f"{api}/v1/uploads", headers=auth, json={"title": "p", "sizeBytes": 10}, timeout=10
@@ -228,10 +260,10 @@ def test_patch_rules(control: tuple[str, Path, str]) -> None:
     assert pb.status_code == 409 and pb.json()["error"]["state"] == "UPLOADING"
 
 
-def test_vod_upload_cli_resumes_after_a_cut(control: tuple[str, Path, str], tmp_path: Path) -> None:
+def test_vod_upload_cli_resumes_after_a_cut(control: Control, tmp_path: Path) -> None:
     """`vod upload` through a proxy that cuts the first PATCH: tuspy retries, asks the server
     where it stands (HEAD) and finishes; the stored source is byte-identical."""
-    api, data, key = control
+    api, key = control.url, control.key
     src = tmp_path / "movie.mp4"
     src.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
     proxy = CuttingProxy(int(api.rsplit(":", 1)[1]), cut_after_bytes=1_000_000)
@@ -248,8 +280,7 @@ def test_vod_upload_cli_resumes_after_a_cut(control: tuple[str, Path, str], tmp_
     assert proxy.cuts == 1
     vid = p.stdout.strip()
     assert vid.startswith("vid_")
-    stored = data / "store" / "source" / vid / "original"
-    assert stored.read_bytes() == src.read_bytes()
+    assert control.source(vid) == src.read_bytes()
     v = requests.get(f"{api}/v1/videos/{vid}", timeout=10).json()
     assert v["state"] == "UPLOADED" and v["title"] == "cli"
 
@@ -264,12 +295,10 @@ def test_vod_upload_without_a_key_explains_itself(tmp_path: Path) -> None:
     assert "vod keys create" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_vod_upload_cli_resumes_in_a_second_run(
-    control: tuple[str, Path, str], tmp_path: Path
-) -> None:
+def test_vod_upload_cli_resumes_in_a_second_run(control: Control, tmp_path: Path) -> None:
     """The network goes down mid-upload and stays down: the first run gives up with a clear
     message; running the same command again continues from the server's offset."""
-    api, data, key = control
+    api, key = control.url, control.key
     src = tmp_path / "movie.mp4"
     src.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -292,5 +321,5 @@ def test_vod_upload_cli_resumes_in_a_second_run(
     assert second.returncode == 0, second.stderr
     assert "resuming upload of" in second.stderr
     vid = second.stdout.strip()
-    assert (data / "store" / "source" / vid / "original").read_bytes() == src.read_bytes()
-    assert len(_db_rows(data, "videos")) == 1  # resumed, not uploaded again as a new video
+    assert control.source(vid) == src.read_bytes()
+    assert len(control.rows("videos")) == 1  # resumed, not uploaded again as a new video

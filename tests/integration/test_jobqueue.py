@@ -1,11 +1,12 @@
 """The durable job queue on every backend it must hold for: SQLite and PostgreSQL
-(STYLE.md habit 10). PostgreSQL runs on 127.0.0.1 on this machine kind; if it is missing in
-CI the test fails loudly rather than skipping."""
+(STYLE.md habit 10), in every run whatever --backend says (`own_backends`). PostgreSQL runs on
+127.0.0.1 on this machine kind (a private database of the run's, tests/backends.py); if it is
+missing in CI the test fails loudly rather than skipping."""
 
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,23 +14,27 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.backends import Backends
 from vodcore.db import jobs as q
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.schema import jobs, metadata
+from vodcore.db.schema import jobs
 
-PG_URL = os.environ.get("VOD_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+pytestmark = pytest.mark.own_backends
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'q.db'}" if request.param == "sqlite" else PG_URL
-    eng = make_engine(url)
-    if request.param == "postgresql":
-        async with eng.begin() as conn:
-            await conn.run_sync(metadata.drop_all)
-    await create_schema(eng)
-    yield eng
-    await eng.dispose()
+async def engine(
+    request: pytest.FixtureRequest, tmp_path: Path, backends: Backends
+) -> AsyncIterator[AsyncEngine]:
+    with contextlib.ExitStack() as undo:
+        if request.param == "sqlite":
+            url = f"sqlite+aiosqlite:///{tmp_path / 'q.db'}"
+        else:
+            url = undo.enter_context(backends.postgres())
+        eng = make_engine(url)
+        await create_schema(eng)
+        yield eng
+        await eng.dispose()
 
 
 async def test_enqueue_is_idempotent_and_claims_are_exclusive(engine: AsyncEngine) -> None:

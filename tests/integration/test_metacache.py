@@ -7,13 +7,15 @@ remembered briefly."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -25,10 +27,11 @@ from control.app import make_app
 from control.auth import create_key, hash_key
 from control.ids import new_id
 from control.metacache import METACACHE_KEY, MetaCache
+from control.videos import PlaybackFastPath
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import api_keys, videos
-from vodcore.server import start_server
+from vodcore.server import FAST_PATH_KEY, start_server, write_access_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,6 +48,16 @@ class Node:
     @property
     def meta(self) -> MetaCache:
         return self.runner.app[METACACHE_KEY]
+
+    @property
+    def port(self) -> int:
+        return int(self.runner.addresses[0][1])
+
+    @property
+    def fast(self) -> PlaybackFastPath:
+        fast = self.runner.app[FAST_PATH_KEY]
+        assert isinstance(fast, PlaybackFastPath)
+        return fast
 
 
 @dataclass
@@ -84,12 +97,47 @@ class World:
         )  # fmt: skip
         return vid
 
+    async def add_video_as(self, visibility: str, state: str = "READY") -> str:
+        vid = await self.add_video(state=state)
+        await self.sql(update(videos).where(videos.c.id == vid).values(visibility=visibility))
+        return vid
 
-async def _world(tmp_path: Path, redis_url: str | None, nodes: int = 1) -> World:
-    # rate limits off: these tests hammer one video
+
+async def raw_get(
+    port: int, target: str, fields: str = "", *, method: str = "GET", version: str = "1.1"
+) -> tuple[int, dict[str, str], bytes, bytes]:
+    """One request on a fresh connection: (status, fields, head bytes, body bytes)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(
+            f"{method} {target} HTTP/{version}\r\nHost: 127.0.0.1:{port}\r\n{fields}\r\n".encode()
+        )
+        head = await r.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        fields_in = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                fields_in[k.strip().lower()] = v.strip()
+        n = int(fields_in.get("content-length", "0"))
+        body = b"" if method == "HEAD" else await r.readexactly(n)
+        return int(lines[0].split(" ")[1]), fields_in, head, body
+    finally:
+        w.close()
+
+
+async def _world(
+    tmp_path: Path,
+    redis_url: str | None,
+    nodes: int = 1,
+    customize: Callable[[web.Application], None] | None = None,
+    access_log: bool = False,
+    **overrides: Any,
+) -> World:
+    # rate limits off unless asked for: these tests hammer one video
     settings = Settings(
         data_dir=tmp_path / "data", redis_url=redis_url,
-        rate_limit_key_per_second=0, rate_limit_ip_per_second=0,
+        **{"rate_limit_key_per_second": 0, "rate_limit_ip_per_second": 0, **overrides},
     )  # fmt: skip
     settings.data_dir.mkdir()
     db = make_engine(settings.db_url)
@@ -103,7 +151,10 @@ async def _world(tmp_path: Path, redis_url: str | None, nodes: int = 1) -> World
     await db.dispose()
     w = World(settings, operator, alice, owner, aiohttp.ClientSession())
     for _ in range(nodes):  # several control processes: one database, one Redis
-        runner = await start_server(make_app(settings), "127.0.0.1", 0, access_log=False)
+        app = make_app(settings)
+        if customize is not None:
+            customize(app)
+        runner = await start_server(app, "127.0.0.1", 0, access_log=access_log)
         w.nodes.append(Node(f"http://127.0.0.1:{runner.addresses[0][1]}", runner))
     return w
 
@@ -303,3 +354,213 @@ async def test_a_redis_outage_falls_through_to_the_database(tmp_path: Path) -> N
         await w.session.close()
         for n in w.nodes:
             await n.runner.cleanup()
+
+
+# --- the playback fast path (control.videos.PlaybackFastPath) -----------------------------------
+
+
+async def test_the_fast_path_answers_a_hot_playback_as_the_full_path_would(world: World) -> None:
+    w = world
+    node = w.nodes[0]
+    node.meta.local.ttl = 60.0  # hot for the whole test
+    vid = await w.add_video()
+    target = f"/v1/videos/{vid}/playback"
+    status, _, _, _ = await raw_get(node.port, target)
+    assert status == 200 and node.fast.served == 0  # a miss: the full path reads through
+    for _attempt in range(5):
+        # a field outside the allow-list sends a request down the full path
+        full = await raw_get(node.port, target, "X-Trace: 1\r\n")
+        served, local = node.fast.served, node.meta.stats["local"]
+        fast = await raw_get(node.port, target, "Accept: */*\r\nUser-Agent: t\r\n")
+        assert node.fast.served == served + 1 and node.meta.stats["local"] == local + 1
+        if full[1]["date"] == fast[1]["date"]:  # the same second: the same token and Date
+            break
+    assert full[0] == fast[0] == 200
+    assert full[2] == fast[2]  # status line and fields, in the same order
+    assert full[3] == fast[3]  # body
+    doc = orjson.loads(fast[3])
+    assert doc["videoId"] == vid and doc["manifestUrl"].endswith("/1/master.m3u8")
+    assert fast[1]["cache-control"] == "private, no-store"
+    # counted like any answer
+    async with w.session.get(f"{node.url}/metrics") as r:
+        text = await r.text()
+    assert 'vod_fastpath_answers_total{tier="control"}' in text
+
+
+async def test_the_fast_path_leaves_everything_else_to_aiohttp(world: World) -> None:
+    w = world
+    node = w.nodes[0]
+    public = await w.add_video()
+    unlisted = await w.add_video_as("unlisted")
+    private = await w.add_video_as("private")
+    processing = await w.add_video(state="PROCESSING")
+    unknown = new_id("vid")
+    for vid in (public, unlisted, private, processing, unknown):  # in the cache, if cached
+        await raw_get(node.port, f"/v1/videos/{vid}/playback")
+    node.meta.local.ttl = 60.0
+    await raw_get(node.port, f"/v1/videos/{public}/playback")
+    served = node.fast.served
+    key = f"Authorization: Bearer {w.alice}\r\n"
+    cases = [
+        (f"/v1/videos/{unlisted}/playback", "", "GET", "1.1", 401),  # a key is needed
+        (f"/v1/videos/{unlisted}/playback", key, "GET", "1.1", 200),
+        (f"/v1/videos/{private}/playback", "", "GET", "1.1", 404),
+        (f"/v1/videos/{processing}/playback", "", "GET", "1.1", 409),
+        (f"/v1/videos/{unknown}/playback", "", "GET", "1.1", 404),  # a negative entry
+        (f"/v1/videos/{public}/playback", key, "GET", "1.1", 200),  # a key: its own bucket
+        (f"/v1/videos/{public}/playback", "", "HEAD", "1.1", 200),
+        (f"/v1/videos/{public}/playback?x=1", "", "GET", "1.1", 200),
+        (f"/v1/videos/{public}/playback", "", "GET", "1.0", 200),
+        (f"/v1/videos/{public}/playback", "Connection: close\r\n", "GET", "1.1", 200),
+        (f"/v1/videos/{public}", "", "GET", "1.1", 200),
+        (f"/v1/videos/{public.upper()}/playback", "", "GET", "1.1", 404),
+    ]
+    for target, fields, method, version, want in cases:
+        status, _, _, _ = await raw_get(node.port, target, fields, method=method, version=version)
+        assert status == want, (target, fields, method, version)
+    assert node.fast.served == served
+    # a takedown is seen at once: the cached row is dropped, the full path answers
+    code, _ = await w.call("POST", f"/v1/videos/{public}/block", {"reason": "x"}, w.operator)
+    assert code == 200
+    assert (await raw_get(node.port, f"/v1/videos/{public}/playback"))[0] == 451
+    assert node.fast.served == served
+
+
+async def test_the_fast_path_takes_from_the_client_ip_bucket(tmp_path: Path) -> None:
+    w = await _world(tmp_path, None, rate_limit_ip_per_second=0.01, rate_limit_ip_burst=4)
+    try:
+        node = w.nodes[0]
+        node.meta.local.ttl = 60.0
+        vid = await w.add_video()
+        statuses = [(await raw_get(node.port, f"/v1/videos/{vid}/playback"))[0] for _ in range(4)]
+        assert statuses == [200] * 4 and node.fast.served == 3  # the first was a miss
+        status, fields, _, body = await raw_get(node.port, f"/v1/videos/{vid}/playback")
+        assert status == 429 and int(fields["retry-after"]) >= 1
+        assert orjson.loads(body)["error"]["code"] == "rate_limited"
+        assert node.fast.served == 3
+    finally:
+        await w.session.close()
+        for n in w.nodes:
+            await n.runner.cleanup()
+
+
+def _extra_middleware(app: web.Application) -> None:
+    @web.middleware
+    async def tag(request: web.Request, handler: Any) -> web.StreamResponse:
+        resp: web.StreamResponse = await handler(request)
+        resp.headers["X-Tag"] = "1"
+        return resp
+
+    app.middlewares.append(tag)
+
+
+def _prepare_hook(app: web.Application) -> None:
+    async def hook(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Hook"] = "1"
+
+    app.on_response_prepare.append(hook)
+
+
+@pytest.mark.parametrize(
+    ("customize", "redis", "field"),
+    [
+        (_extra_middleware, False, "x-tag"),
+        (_prepare_hook, False, "x-hook"),
+        (None, False, "vary"),  # CORS on: `Vary: Origin` on every /v1 answer
+        (None, True, None),
+    ],
+    ids=["another-middleware", "response-prepare-hook", "cors", "rate-limits-in-redis"],
+)
+async def test_the_fast_path_stays_off_where_it_cannot_stand_in(
+    tmp_path: Path,
+    customize: Callable[[web.Application], None] | None,
+    redis: bool,
+    field: str | None,
+) -> None:
+    overrides: dict[str, Any] = {}
+    if redis:
+        overrides = {"rate_limit_ip_per_second": 1000.0, "rate_limit_ip_burst": 1000.0}
+        await _flush()
+    if field == "vary":
+        overrides["cors_origins"] = ("https://app.example",)
+    w = await _world(tmp_path, REDIS_URL if redis else None, customize=customize, **overrides)
+    try:
+        node = w.nodes[0]
+        node.meta.local.ttl = 60.0
+        vid = await w.add_video()
+        for _ in range(3):
+            status, fields, _, _ = await raw_get(node.port, f"/v1/videos/{vid}/playback")
+            assert status == 200
+            if field is not None:  # what the middleware or hook adds is there
+                assert fields[field] == ("Origin" if field == "vary" else "1")
+        assert node.fast.served == 0
+    finally:
+        await w.session.close()
+        for n in w.nodes:
+            await n.runner.cleanup()
+        if redis:
+            await _flush()
+
+
+async def test_access_lines_of_fast_and_full_answers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    w = await _world(tmp_path, None, access_log=True)
+    try:
+        node = w.nodes[0]
+        node.meta.local.ttl = 60.0
+        vid = await w.add_video()
+        target = f"/v1/videos/{vid}/playback"
+        await raw_get(node.port, target)  # a miss: the full path
+        await raw_get(node.port, target, "X-Trace: 1\r\n")  # the full path
+        fast = await raw_get(node.port, target)
+        assert node.fast.served == 1
+        await asyncio.sleep(0.05)
+        lines = [x for x in capsys.readouterr().out.splitlines() if target in x]
+        assert len(lines) == 3
+        line = re.compile(
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d access: 127\.0\.0\.1 "
+            rf'"GET {re.escape(target)} HTTP/1\.1" 200 (\d+) \d+\.\d{{6}} "-"'
+        )
+        matches = [line.fullmatch(x) for x in lines]
+        assert all(matches), lines
+        assert matches[2] is not None and int(matches[2][1]) == len(fast[3])  # body bytes
+    finally:
+        await w.session.close()
+        for n in w.nodes:
+            await n.runner.cleanup()
+
+
+async def test_access_lines_of_one_loop_iteration_go_out_together(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_access_line("10.0.0.1", "GET /a HTTP/1.1", 200, 1, 0.001)
+    write_access_line("10.0.0.2", "GET /b HTTP/1.1", 404, 2, 0.002, "edge=HIT")
+    assert capsys.readouterr().out == ""  # not yet: at the end of this iteration
+    await asyncio.sleep(0)
+    out = capsys.readouterr().out.splitlines()
+    assert [x.split(" access: ", 1)[1] for x in out] == [
+        '10.0.0.1 "GET /a HTTP/1.1" 200 1 0.001000 "-"',
+        '10.0.0.2 "GET /b HTTP/1.1" 404 2 0.002000 "edge=HIT"',
+    ]
+
+
+async def test_a_video_read_all_the_time_is_re_read_ahead_and_never_waited_for(
+    world: World,
+) -> None:
+    w = world
+    node = w.nodes[0]
+    node.meta.refresh_ahead = 0.8  # of the 1 s local TTL: generous for a slow machine
+    vid = await w.add_video()
+    target = f"/v1/videos/{vid}/playback"
+    assert (await raw_get(node.port, target))[0] == 200  # a miss: the full path
+    filled = node.meta.stats["redis"] + node.meta.stats["db"]
+    n = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:  # past two local TTLs
+        assert (await raw_get(node.port, target))[0] == 200
+        n += 1
+        await asyncio.sleep(0.02)
+    assert node.fast.served == n  # every one from memory: the row never ran out
+    assert node.meta.stats["ahead"] >= 2
+    assert node.meta.stats["redis"] + node.meta.stats["db"] >= filled + 2

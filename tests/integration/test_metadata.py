@@ -33,7 +33,8 @@ from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import api_keys, events, videos
 from vodcore.server import start_server
 
-pytestmark = pytest.mark.timeout(60)
+# SQLite and PostgreSQL, memory and Redis, in every run whatever --backend says.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.own_backends]
 
 PG_ADMIN = os.environ.get("VOD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VOD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

@@ -26,7 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.pgdb import own_pg_database
 from vodcore.db import migrations
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.schema import jobs, metadata, videos
+from vodcore.db.schema import jobs, metadata, purge_acks, videos
+
+# SQLite and PostgreSQL in every run, whatever --backend says (upgrades of a given database).
+pytestmark = pytest.mark.own_backends
 
 # The first release's two tables that have changed since (the others are unchanged).
 V1 = MetaData()
@@ -126,3 +129,37 @@ async def test_a_fresh_database_is_created_at_the_newest_version(engine: AsyncEn
     async with engine.begin() as conn:
         assert await conn.run_sync(migrations.current_version) == migrations.LATEST
         assert await conn.run_sync(migrations.drift) == []
+
+
+async def test_v5_makes_log_sequence_numbers_64_bit(engine: AsyncEngine) -> None:
+    """A v4 database (32-bit `seq`s on PostgreSQL) upgrades to 64-bit columns and sequences: a
+    purge ack of a seq past 2**31 is stored instead of failing (it was a 500)."""
+    await create_schema(engine)
+    postgres = engine.dialect.name == "postgresql"
+    async with engine.begin() as conn:
+        if postgres:  # as v4 made them
+            for table, column, sequence in migrations._SEQ_COLUMNS:
+                await conn.execute(
+                    text(f'ALTER TABLE {table} ALTER COLUMN "{column}" TYPE INTEGER')
+                )
+                if sequence:
+                    await conn.execute(text(f"ALTER SEQUENCE {sequence} AS INTEGER"))
+        await conn.execute(text("UPDATE schema_version SET version = 4"))
+    await create_schema(engine)
+    async with engine.begin() as conn:
+        assert await conn.run_sync(migrations.current_version) == migrations.LATEST
+        assert await conn.run_sync(migrations.drift) == []
+        big = 2**40
+        await conn.execute(purge_acks.insert().values(seq=big, node_id="edge@x", applied_at=1.0))
+        got = (await conn.execute(select(purge_acks.c.seq))).scalar_one()
+        assert got == big
+        if postgres:
+            kinds = (
+                await conn.execute(
+                    text(
+                        "SELECT sequence_name, data_type FROM information_schema.sequences"
+                        " WHERE sequence_name IN ('events_seq_seq', 'purges_seq_seq')"
+                    )
+                )
+            ).all()
+            assert sorted(kinds) == [("events_seq_seq", "bigint"), ("purges_seq_seq", "bigint")]

@@ -5,9 +5,9 @@
 - schemathesis loads the document from the live server and runs every operation (but the purge
   stream, which never ends: its own test below) with positive and negative data: no 5xx, and
   every response as documented (status code, content type, headers, body schema). The app runs
-  on loopback in a thread, on SQLite under tmp_path, with rate limits off; path parameters are
-  either generated or one of the real ids seeded here (a READY video, an upload session, a
-  comment, a purge, the signing key), so the success paths run too.
+  on loopback in a thread, on the backend `--backend` names, with rate limits off; path
+  parameters are either generated or one of the real ids seeded here (a READY video, an upload
+  session, a comment, a purge, the signing key), so the success paths run too.
 Bounded: `MAX_EXAMPLES` per operation, no deadline; the whole file takes well under 90 s.
 """
 
@@ -40,6 +40,7 @@ from control.app import make_app
 from control.auth import create_key, hash_key
 from control.openapi import PATH, OpenApi, document
 from control.tus_protocol import OFFSET_CONTENT_TYPE
+from tests.backends import Backend, Backends
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import api_keys, videos
@@ -72,13 +73,13 @@ DESTRUCTIVE = {
 }
 
 
-def _settings(data: Path) -> Settings:
-    return Settings(
-        data_dir=data,
-        rate_limit_ip_per_second=0,
-        rate_limit_key_per_second=0,
-        upstream_timeout_seconds=3,
-    )
+def _settings(data: Path, backend: Backend | None = None) -> Settings:
+    kw: dict[str, Any] = {
+        "rate_limit_ip_per_second": 0,
+        "rate_limit_key_per_second": 0,
+        "upstream_timeout_seconds": 3,
+    }
+    return backend.settings(data, **kw) if backend else Settings(data_dir=data, **kw)
 
 
 def control_app(settings: Settings) -> web.Application:
@@ -146,8 +147,13 @@ class _Thread:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    settings = _settings(tmp_path_factory.mktemp("openapi") / "data")
+def live(tmp_path_factory: pytest.TempPathFactory, backends: Backends) -> Iterator[Live]:
+    with backends.lease() as backend:
+        yield from _live(tmp_path_factory, backend)
+
+
+def _live(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Live]:
+    settings = _settings(tmp_path_factory.mktemp("openapi") / "data", backend)
     settings.data_dir.mkdir(parents=True)
     creator, operator = asyncio.run(_seed(settings))
     server = _Thread(control_app(settings))
@@ -307,3 +313,13 @@ def test_bad_input_is_a_4xx(live: Live, method: str, path: str, body: Any) -> No
     r = requests.request(method, live.url + path, json=body, timeout=5)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert r.json()["error"]["code"]
+
+
+# Found by the run on PostgreSQL (`--backend=scale`): purge seqs are 32-bit columns there (SQLite
+# integers are 64-bit), so a seq the API accepts but the column cannot hold was a 500 (the
+# stream's `after` too: test_purge.py).
+@pytest.mark.parametrize("seq", [2**31, 2**40])
+def test_an_ack_beyond_32_bits_is_not_a_500(live: Live, seq: int) -> None:
+    body = {"node": "big-acks", "tier": "edge", "seqs": [seq]}
+    r = requests.post(f"{live.url}/v1/purges/acks", json=body, timeout=5)
+    assert r.status_code in (200, 422), (r.status_code, r.text)

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,14 @@ from aiohttp import web
 from origin import app as origin_app
 from origin.app import STORE_KEY, make_app
 from origin.policy import SHORT
-from tests.s3server import REGION, S3Server, s3_server
+from tests.s3server import REGION, S3Server
 from vodcore import sendfile
 from vodcore.config import Settings
 from vodcore.store import ObjectStore
 from vodcore.store.s3 import S3Store
 
-pytestmark = pytest.mark.timeout(30)
+# Both stores in every run, whatever --backend says (the `s3` server is the session's).
+pytestmark = [pytest.mark.timeout(30), pytest.mark.own_backends]
 
 VID = "vid_or1"
 BIG = os.urandom(3 * 1024 * 1024 + 17)
@@ -41,12 +42,6 @@ OBJECTS = {
     "1/empty.vtt": b"",
     "current.json": b'{"version": 1}',
 }
-
-
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="session")

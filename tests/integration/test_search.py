@@ -1,14 +1,15 @@
 """Search on SQLite (FTS5) and PostgreSQL (tsvector + GIN): the index follows the event log.
 
-PostgreSQL runs on 127.0.0.1 on this machine kind; if it is missing the tests fail loudly
-rather than skip (like test_jobqueue, whose fixture also drops every table there)."""
+Both in every run, whatever --backend says (`own_backends`). PostgreSQL runs on 127.0.0.1 on this
+machine kind (a private database of the run's, tests/backends.py); if it is missing the tests
+fail loudly rather than skip."""
 
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control.app import make_app
 from control.search import CONSUMER, Indexer, Search
+from tests.backends import Backends
 from vodcore.config import Settings
 from vodcore.db import consumers
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.schema import metadata, videos
+from vodcore.db.schema import videos
 from vodcore.db.search_schema import search_docs
 from vodcore.db.videos import append_event, transition
 from vodcore.lifecycle import Event, State
 
-PG_URL = os.environ.get("VOD_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 COUNTERS_DDL = (
     "CREATE TABLE IF NOT EXISTS video_counters (video_id VARCHAR(40) PRIMARY KEY, "
     "views BIGINT NOT NULL DEFAULT 0, likes BIGINT NOT NULL DEFAULT 0)"
@@ -38,22 +39,16 @@ COUNTERS_DDL = (
 Client = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
-async def _drop_all(eng: AsyncEngine) -> None:
-    async with eng.begin() as conn:
-        await conn.run_sync(metadata.drop_all)
-        if "video_counters" not in metadata.tables:  # made by a test, not by the schema
-            await conn.execute(text("DROP TABLE IF EXISTS video_counters"))
+pytestmark = pytest.mark.own_backends
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, backends: Backends) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
         return
-    eng = make_engine(PG_URL)
-    await _drop_all(eng)
-    await eng.dispose()
-    yield PG_URL
+    with backends.postgres() as url:  # private and empty
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -397,9 +392,11 @@ async def test_the_indexer_task_follows_and_exports_its_lag(
     assert 'vod_consumer_lag{consumer="search"} 0.0' in await r.text()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 def test_vod_reindex_command(
-    backend: str,
+    db: str,
+    backends: Backends,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -410,13 +407,17 @@ def test_vod_reindex_command(
 
     data = tmp_path / "var"
     data.mkdir()
-    url = PG_URL if backend == "postgresql" else f"sqlite+aiosqlite:///{data / 'vod.db'}"
+    undo = contextlib.ExitStack()
+    url = (
+        undo.enter_context(backends.postgres())
+        if db == "postgresql"
+        else f"sqlite+aiosqlite:///{data / 'vod.db'}"
+    )
+    request.addfinalizer(undo.close)
     monkeypatch.setenv("VOD_DATABASE_URL", url)
 
     async def setup() -> list[tuple[Any, ...]]:
         eng = make_engine(url)
-        if backend == "postgresql":
-            await _drop_all(eng)
         await create_schema(eng)
         for i in range(5):
             await add_video(eng, f"vid_{i}", f"Reindexed {i}")

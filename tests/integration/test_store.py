@@ -9,28 +9,23 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.s3server import REGION, S3Server, s3_server
+from tests.s3server import REGION, S3Server
 from vodcore.paths import BadPath
 from vodcore.store import ObjectNotFound, ObjectStore
 from vodcore.store.fs import FilesystemStore
 from vodcore.store.s3 import S3Store
 
-pytestmark = pytest.mark.timeout(30)
+# Every store in every run, whatever --backend says (the `s3` server is the session's).
+pytestmark = [pytest.mark.timeout(30), pytest.mark.own_backends]
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Takedowns end to end over loopback (issue 4): control, an origin following the purge log
-over the same filesystem store, and a token-checking edge in front of it.
+over the same object store (the filesystem or S3, whichever `--backend` names), and a
+token-checking edge in front of it.
 
 Delete: playback 410, old tokens refused at the edge, objects moved to the restricted prefix
 (the source untouched), the origin answers 410 to a direct fetch; restore: objects back,
@@ -26,12 +27,14 @@ from control.auth import create_key, hash_key
 from edge.app import make_app as edge_app
 from origin.app import GUARD_KEY
 from origin.app import make_app as origin_app
+from tests.backends import Backend
 from tests.integration.test_purge import vod
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import api_keys, events, moderation, videos
 from vodcore.server import start_server
-from vodcore.store.fs import FilesystemStore
+from vodcore.store import ObjectStore
+from vodcore.store.factory import close_store, make_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,7 +51,7 @@ class World:
     operator: str
     creator: str
     settings: Settings
-    store: FilesystemStore
+    store: ObjectStore
     origin_app: web.Application
     runners: list[web.AppRunner]
     session: aiohttp.ClientSession
@@ -89,8 +92,8 @@ async def _url(runner: web.AppRunner) -> str:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    settings = Settings(data_dir=tmp_path / "data", upstream_timeout_seconds=3)
+async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
+    settings = backend.settings(tmp_path / "data", upstream_timeout_seconds=3)
     settings.data_dir.mkdir()
     db = make_engine(settings.db_url)
     await create_schema(db)
@@ -104,7 +107,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             )
         )  # fmt: skip
     await db.dispose()
-    store = FilesystemStore(settings.store_dir)
+    store = make_store(settings)
     for name, data in MEDIA.items():
         await store.put_bytes(f"media/{VID}/{name}", data)
     await store.put_bytes(SOURCE, b"the original upload")
@@ -131,6 +134,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await session.close()
         for r in reversed(runners):
             await r.cleanup()
+        await close_store(store)
 
 
 async def records(w: World, table: Any) -> list[Any]:
@@ -294,9 +298,15 @@ async def test_operator_cli_delete_and_restore(world: World) -> None:
     assert code == 2 and "--reason" in err
 
 
-async def test_origin_fails_open_until_it_has_replayed_the_log(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path)
-    await FilesystemStore(settings.store_dir).put_bytes(f"media/{VID}/1/seg-0.m4s", b"x")
+async def test_origin_fails_open_until_it_has_replayed_the_log(
+    tmp_path: Path, backend: Backend
+) -> None:
+    settings = backend.settings(tmp_path)
+    store = make_store(settings)
+    try:
+        await store.put_bytes(f"media/{VID}/1/seg-0.m4s", b"x")
+    finally:
+        await close_store(store)
     app = origin_app(settings, control_url="http://127.0.0.1:9")  # control unreachable
     runner = await start_server(app, "127.0.0.1", 0, access_log=False)
     try:

@@ -1,4 +1,5 @@
-"""Edge → shield → origin over real loopback sockets, with a JWKS app standing in for control.
+"""Edge → shield → origin over real loopback sockets, with a JWKS app standing in for control;
+the origin serves the object store `--backend` names (the filesystem or S3).
 
 Nothing of ours is mocked: the test only wraps the origin app in a middleware that counts (and,
 when asked, delays) the media requests it receives, which is how collapse is observed.
@@ -27,8 +28,10 @@ from edge.app import make_app as make_edge
 from origin.app import make_app as make_origin
 from origin.policy import SHORT
 from shield.app import make_app as make_shield
+from tests.backends import Backend
 from vodcore.config import Settings
-from vodcore.store.fs import FilesystemStore
+from vodcore.store import ObjectStore
+from vodcore.store.factory import close_store, make_store
 from vodcore.tokens import SigningKeys
 
 pytestmark = pytest.mark.timeout(30)
@@ -67,7 +70,7 @@ def closed_port_url() -> str:
 @dataclass
 class Stack:
     settings: Settings
-    store: FilesystemStore
+    store: ObjectStore
     keys: SigningKeys
     session: aiohttp.ClientSession
     runners: list[web.AppRunner]
@@ -96,13 +99,13 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    settings = Settings(
-        data_dir=tmp_path,
+async def stack(tmp_path: Path, backend: Backend) -> AsyncIterator[Stack]:
+    settings = backend.settings(
+        tmp_path,
         cache_bytes={"edge": 4 * 1024 * 1024, "shield": 4 * 1024 * 1024},
         upstream_timeout_seconds=5.0,
     )
-    store = FilesystemStore(settings.store_dir)
+    store = make_store(settings)
     for name, data in OBJECTS.items():
         await store.put_bytes(f"media/{VID}/{name}", data)
     (tmp_path / "secret.txt").write_bytes(b"TOP-SECRET-OUTSIDE-STORE")
@@ -139,6 +142,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         await session.close()
         for r in reversed(st.runners):
             await r.cleanup()
+        await close_store(store)
 
 
 async def assert_json_error(resp: aiohttp.ClientResponse, body: bytes, status: int) -> None:

@@ -1,4 +1,5 @@
-"""The transcoder pool end to end: real ffmpeg, real SQLite, filesystem store in tmp_path."""
+"""The transcoder pool end to end: real ffmpeg, on the backend `--backend` names (SQLite and the
+filesystem store in tmp_path, or PostgreSQL and S3)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.backends import Backend, local_tree
 from tests.conftest import make_clip
 from transcoder.manifests import mpd_files, parse_master, parse_media_playlist, parse_mpd
 from transcoder.worker import KIND, run_pool
@@ -24,7 +26,7 @@ from vodcore.db.schema import jobs, videos
 from vodcore.ffmpeg import ffmpeg_exe
 from vodcore.layout import source_key
 from vodcore.store import ObjectStore
-from vodcore.store.fs import FilesystemStore
+from vodcore.store.factory import close_store, make_store
 
 FFMPEG = ffmpeg_exe()
 
@@ -43,9 +45,9 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, backend: Backend) -> Settings:
     # 2 s segments so a 4 s clip shows segment alignment (the default is 6 s)
-    return Settings(data_dir=tmp_path / "data", segment_seconds=2.0)
+    return backend.settings(tmp_path / "data", segment_seconds=2.0)
 
 
 @pytest.fixture
@@ -55,6 +57,32 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     await create_schema(eng)
     yield eng
     await eng.dispose()
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[ObjectStore]:
+    """The object store the pool writes to (`make_store`: the filesystem or S3)."""
+    st = make_store(settings)
+    yield st
+    await close_store(st)
+
+
+def ffmpeg_pids(settings: Settings) -> list[int]:
+    """The ffmpeg processes of a pool of these settings, whatever the store: each runs in (or
+    names in its argv) a work directory under `data_dir/tmp`, where the pool writes outputs
+    and fetches a source from S3 (a filesystem store's source is read in place)."""
+    root = f"{(settings.data_dir / 'tmp').resolve()}/"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ffmpeg" in cmdline and (f"{cwd}/".startswith(root) or root.encode() in cmdline):
+                pids.append(int(entry.name))
+    return pids
 
 
 async def add_video(engine: AsyncEngine, store: ObjectStore, vid: str, src: Path) -> None:
@@ -118,9 +146,8 @@ def decoded_seconds(master: Path) -> float:
 
 
 async def test_transcode_publishes_hls_and_dash(
-    settings: Settings, engine: AsyncEngine, clip: Path
+    settings: Settings, engine: AsyncEngine, store: ObjectStore, clip: Path, tmp_path: Path
 ) -> None:
-    store = FilesystemStore(settings.store_dir)
     await add_video(engine, store, "vidgood", clip)
     elapsed = await run_until_done(settings, engine, 1, slots=1)
     print(f"4 s clip transcoded in {elapsed:.2f} s (real-time factor {4 / elapsed:.2f}x)")
@@ -130,7 +157,8 @@ async def test_transcode_publishes_hls_and_dash(
     # version 1: the quick first-playable rung; version 2: the full ladder
     assert row["current_version"] == 2
     assert row["progress"] == 100.0
-    quick = (settings.store_dir / "media" / "vidgood" / "1" / "master.m3u8").read_text()
+    v1 = await local_tree(settings, "media/vidgood/1/", tmp_path / "v1")
+    quick = (v1 / "master.m3u8").read_text()
     assert "RESOLUTION=426x240" in quick and "RESOLUTION=640x360" not in quick
     assert row["width"] == 640 and row["height"] == 360
     assert abs(float(str(row["duration_seconds"])) - 4.0) < 0.1
@@ -140,7 +168,7 @@ async def test_transcode_publishes_hls_and_dash(
     assert all(r["codecs"].startswith("avc1.") and "mp4a.40.2" in r["codecs"] for r in renditions)
 
     prefix = "media/vidgood/2/"
-    base = settings.store_dir / "media" / "vidgood" / "2"
+    base = await local_tree(settings, prefix, tmp_path / "v2")
     master = (base / "master.m3u8").read_text()
     assert "BANDWIDTH=" in master and "AVERAGE-BANDWIDTH=" in master
     assert "RESOLUTION=426x240" in master and "FRAME-RATE=30.000" in master
@@ -192,9 +220,8 @@ async def test_transcode_publishes_hls_and_dash(
 
 
 async def test_garbage_source_fails_without_hurting_other_jobs(
-    settings: Settings, engine: AsyncEngine, clip: Path, tmp_path: Path
+    settings: Settings, engine: AsyncEngine, store: ObjectStore, clip: Path, tmp_path: Path
 ) -> None:
-    store = FilesystemStore(settings.store_dir)
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(os.urandom(50 * 1024))
     await add_video(engine, store, "vidbad", garbage)
@@ -216,19 +243,6 @@ async def test_garbage_source_fails_without_hurting_other_jobs(
     assert not await store.exists("media/vidbad/1/master.m3u8")
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if text.encode() in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 @pytest.fixture
 def long_clip(tmp_path: Path) -> Path:
     out = tmp_path / "long.mp4"
@@ -242,22 +256,20 @@ def long_clip(tmp_path: Path) -> Path:
 
 
 async def test_stop_kills_ffmpeg_and_releases_the_job(
-    settings: Settings, engine: AsyncEngine, long_clip: Path
+    settings: Settings, engine: AsyncEngine, store: ObjectStore, long_clip: Path
 ) -> None:
-    store = FilesystemStore(settings.store_dir)
     await add_video(engine, store, "vidlong", long_clip)
     stop = asyncio.Event()
     pool = asyncio.create_task(run_pool(settings, 1, stop=stop, worker_id="stopper"))
     tmp = settings.data_dir / "tmp"
     deadline = time.monotonic() + 30
-    while not (tmp.is_dir() and list(tmp.glob("*/out/seg-*"))):  # ffmpeg is encoding
+    while not (tmp.is_dir() and list(tmp.glob("w-*/*/out/seg-*"))):  # ffmpeg is encoding
         assert time.monotonic() < deadline, "ffmpeg never started writing segments"
         await asyncio.sleep(0.1)
-    source = str(settings.store_dir / "source" / "vidlong")  # in ffmpeg's argv
-    assert _processes_mentioning(source)
+    assert ffmpeg_pids(settings)
     stop.set()
     await asyncio.wait_for(pool, 10)
-    assert _processes_mentioning(source) == []
+    assert ffmpeg_pids(settings) == []
     assert list(tmp.iterdir()) == []
     async with engine.connect() as conn:
         rows = (await conn.execute(select(jobs))).all()
@@ -276,12 +288,12 @@ def twelve_seconds(tmp_path: Path) -> Path:
 
 
 async def test_a_long_source_is_encoded_in_chunks_by_several_jobs_and_joined(
-    tmp_path: Path, twelve_seconds: Path
+    tmp_path: Path, twelve_seconds: Path, backend: Backend
 ) -> None:
     src = twelve_seconds
     # "long" scaled down: a 12 s source above a 8 s threshold, 4 s chunks of 2 s segments
-    settings = Settings(
-        data_dir=tmp_path / "data",
+    settings = backend.settings(
+        tmp_path / "data",
         segment_seconds=2.0,
         chunk_min_seconds=8.0,
         chunk_seconds=4.0,
@@ -290,8 +302,8 @@ async def test_a_long_source_is_encoded_in_chunks_by_several_jobs_and_joined(
     settings.data_dir.mkdir(parents=True)
     engine = make_engine(settings.db_url)
     await create_schema(engine)
+    store = make_store(settings)
     try:
-        store = FilesystemStore(settings.store_dir)
         await add_video(engine, store, "vidlong", src)
         await run_until_done(settings, engine, 1, slots=2)
         row = await video_row(engine, "vidlong")
@@ -302,9 +314,11 @@ async def test_a_long_source_is_encoded_in_chunks_by_several_jobs_and_joined(
         assert {r.state for r in rows} == {"done"}, rows
         assert sorted(r.part for r in rows if r.kind == "chunk") == [0, 1, 2], rows
         assert sum(1 for r in rows if r.kind in ("audio", "join")) == 2
+        base = await local_tree(settings, "media/vidlong/2/", tmp_path / "v2")
+        assert not await store.list("work/vidlong/")  # the chunks' staging area is cleaned up
     finally:
+        await close_store(store)
         await engine.dispose()
-    base = settings.store_dir / "media" / "vidlong" / "2"
     master = (base / "master.m3u8").read_text()
     assert "RESOLUTION=640x360" in master and "RESOLUTION=426x240" in master
     durations = []
@@ -315,24 +329,24 @@ async def test_a_long_source_is_encoded_in_chunks_by_several_jobs_and_joined(
     # six 2 s segments in both rungs, boundaries aligned across the chunks' joins
     assert durations == [[2.0] * 6, [2.0] * 6]
     assert abs(decoded_seconds(base / "master.m3u8") - 12.0) <= 0.5
-    assert not await store.list("work/vidlong/")  # the chunks' staging area is cleaned up
 
 
 async def test_configured_limits_fail_early_with_a_readable_reason(
-    tmp_path: Path, clip: Path
+    tmp_path: Path, clip: Path, backend: Backend
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data", max_duration_seconds=2.0, max_side=4096)
+    settings = backend.settings(tmp_path / "data", max_duration_seconds=2.0, max_side=4096)
     settings.data_dir.mkdir(parents=True)
     engine = make_engine(settings.db_url)
     await create_schema(engine)
+    store = make_store(settings)
     try:
-        store = FilesystemStore(settings.store_dir)
         await add_video(engine, store, "vidlimit", clip)  # a 4 s clip, over the 2 s limit
         await run_until_done(settings, engine, 1, slots=1)
         row = await video_row(engine, "vidlimit")
         async with engine.connect() as conn:
             rows = (await conn.execute(select(jobs.c.kind, jobs.c.attempts))).all()
     finally:
+        await close_store(store)
         await engine.dispose()
     assert row["state"] == "FAILED"
     assert row["failure_reason"] == "the video is 4s long; the limit is 2s", row

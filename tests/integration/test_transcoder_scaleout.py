@@ -1,33 +1,30 @@
 """Workers scale out: two transcoder pools (two "machines", each with its own data dir) pull
 one video's DAG from one PostgreSQL queue and read and write one S3 store (moto's server mode).
-Both services are real and on loopback; PostgreSQL missing fails the test (no skip)."""
+Both services are real and on loopback (a private database of the run's, the session's moto
+server); PostgreSQL missing fails the test (no skip)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from tests.backends import Backends
 from tests.conftest import make_clip
-from tests.integration.test_jobqueue import PG_URL
 from tests.integration.test_transcoder import FFMPEG, add_video
-from tests.s3server import REGION, S3Server, s3_server
+from tests.s3server import REGION, S3Server
 from transcoder.manifests import parse_master
 from transcoder.worker import run_pool
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.schema import jobs, metadata, videos
+from vodcore.db.schema import jobs, videos
 from vodcore.store.factory import close_store, make_store
 
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
+# PostgreSQL and S3 by nature, whatever --backend says; the `s3` server is the session's.
+pytestmark = pytest.mark.own_backends
 
 
 @pytest.fixture
@@ -36,12 +33,17 @@ def source(tmp_path: Path) -> Path:
 
 
 async def test_two_workers_share_one_postgresql_queue_and_one_s3_store(
-    tmp_path: Path, s3: S3Server, source: Path
+    tmp_path: Path, s3: S3Server, source: Path, backends: Backends
 ) -> None:
+    with backends.postgres() as pg_url:  # private and empty
+        await _two_workers(tmp_path, s3, source, pg_url)
+
+
+async def _two_workers(tmp_path: Path, s3: S3Server, source: Path, pg_url: str) -> None:
     def machine(name: str) -> Settings:
         return Settings(
             data_dir=tmp_path / name,
-            database_url=PG_URL,
+            database_url=pg_url,
             s3_bucket=s3.bucket,
             s3_endpoint_url=s3.endpoint_url,
             s3_region=REGION,
@@ -50,9 +52,7 @@ async def test_two_workers_share_one_postgresql_queue_and_one_s3_store(
         )
 
     a, b = machine("a"), machine("b")
-    engine = make_engine(PG_URL)
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.drop_all)
+    engine = make_engine(pg_url)
     await create_schema(engine)
     store = make_store(a)
     stop = asyncio.Event()
@@ -85,7 +85,7 @@ async def test_two_workers_share_one_postgresql_queue_and_one_s3_store(
         assert prefix + "thumbnails.vtt" in keys and prefix + "quality.json" in keys
         # no worker left files behind on its machine
         for m in (a, b):
-            assert not list((m.data_dir / "tmp").glob("*"))
+            assert not list((m.data_dir / "tmp").glob("**/job*"))  # jobs' work directories
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*pools), 20)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ from tusclient import client as tus_client
 from control.app import make_app
 from control.auth import create_key
 from control.upload_expiry import expire_once, run_expiry
+from tests.backends import Backend, Backends
 from tests.faultproxy import CuttingProxy
 from vodcore.config import Settings
 from vodcore.db.engine import make_engine
@@ -56,9 +58,16 @@ class LiveControl:
     """`apps` instances of the real control app on one data directory (one SQLite database,
     one uploads directory): two instances stand for two control processes."""
 
-    def __init__(self, data: Path, *, apps: int = 1, **settings: Any) -> None:
+    def __init__(
+        self, data: Path, *, apps: int = 1, backend: Backend | None = None, **settings: Any
+    ) -> None:
+        """`backend`: its database and Redis (`--backend`); the object store stays the
+        filesystem whatever the backend, as these tests look at the uploads' local files (tus
+        on S3 is tests/integration/test_s3_uploads.py)."""
         data.mkdir(parents=True, exist_ok=True)
-        self.settings = Settings(data_dir=data, **settings)
+        chosen = backend.overrides() if backend is not None else {}
+        chosen.update(s3_bucket=None, s3_endpoint_url=None, s3_region=None, s3_prefix="")
+        self.settings = Settings(data_dir=data, **{**chosen, **settings})
         self.errors = _Errors()
         logging.getLogger().addHandler(self.errors)
         self.loop = asyncio.new_event_loop()
@@ -116,7 +125,10 @@ class LiveControl:
         self.call(go())
 
     def files(self, sid: str) -> list[str]:
-        return sorted(p.name for p in self.uploads_dir.glob(f"{sid}.*"))
+        """The session's files but its (empty) lock file, which a writer creates."""
+        return sorted(
+            p.name for p in self.uploads_dir.glob(f"{sid}.*") if not p.name.endswith(".lock")
+        )
 
     def create(self, size: int, **headers: str) -> tuple[str, str]:
         """A tus creation POST; returns (upload URL, video id)."""
@@ -146,8 +158,8 @@ class LiveControl:
 
 
 @pytest.fixture
-def live(tmp_path: Path) -> Iterator[LiveControl]:
-    lc = LiveControl(tmp_path / "var")
+def live(tmp_path: Path, backend: Backend) -> Iterator[LiveControl]:
+    lc = LiveControl(tmp_path / "var", backend=backend)
     try:
         yield lc
     finally:
@@ -293,9 +305,10 @@ def test_tuspy_resumed_upload_with_checksum(live: LiveControl, tmp_path: Path) -
         assert proxy.cuts == 1
     finally:
         proxy.close()
-    # nothing of the cut PATCH was kept; its stage file is gone too, once the server saw the cut
+    # nothing of the cut PATCH was kept: once the server saw the cut (its writer let go of the
+    # session's lock), `.part` is back at the last committed offset
     deadline = time.monotonic() + 10
-    while any(n.endswith(".stage") for n in live.files(sid_of(url))):
+    while not _settled(live.uploads_dir, sid_of(url), 2 * chunk):
         assert time.monotonic() < deadline, live.files(sid_of(url))
         time.sleep(0.05)
     head = requests.head(url, headers=live.auth(), timeout=10)
@@ -321,7 +334,7 @@ def test_checksum_mismatch_keeps_nothing(live: LiveControl) -> None:
     assert r.headers["Upload-Offset"] == "1000" and r.headers["Tus-Resumable"] == "1.0.0"
     head = requests.head(url, headers=h, timeout=10)
     assert head.headers["Upload-Offset"] == "1000"  # offset unchanged
-    assert live.files(sid) == [f"{sid}.part"]  # no stage, no chunk
+    assert live.files(sid) == [f"{sid}.part"]
     assert (live.uploads_dir / f"{sid}.part").read_bytes() == b"a" * 1000
 
     for bad, why in [
@@ -428,15 +441,27 @@ def test_expiry_410_then_the_sweep_removes_data_and_row(live: LiveControl) -> No
     assert requests.head(fresh_url, headers=live.auth(), timeout=10).status_code == 200
 
 
+def _settled(uploads_dir: Path, sid: str, size: int) -> bool:
+    """No writer holds the session's lock and `.part` holds `size` bytes."""
+    fd = os.open(uploads_dir / f"{sid}.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing the descriptor lets go of the lock
+    return (uploads_dir / f"{sid}.part").stat().st_size == size
+
+
 def test_expiry_task_bounded_passes_and_orphans(live: LiveControl) -> None:
     urls = [live.create(10)[0] for _ in range(5)]
     live.execute(update(upload_sessions).values(expires_at=time.time() - 1))
     keep_url, _ = live.create(10)
     keep = sid_of(keep_url)
     assert patch(keep_url, live.auth(), 0, b"12345").status_code == 204
-    # leftovers of crashes: a dead session's part, a dead PATCH's stage, both long untouched
+    # leftovers of crashes: a dead session's part, a dead completion's link, both long untouched
     ghost = live.uploads_dir / "us_zzzzzzzzzzzzzzzz.part"
-    dead_stage = live.uploads_dir / f"{keep}.{5:020d}.0123abcd.stage"
+    dead_stage = live.uploads_dir / f"{keep}.0123abcd0123abcd.final"
     young = live.uploads_dir / "us_yyyyyyyyyyyyyyyy.part"
     for p in (ghost, dead_stage, young):
         p.write_bytes(b"junk")
@@ -503,10 +528,11 @@ def test_concurrent_patches_in_one_process(live: LiveControl) -> None:
     assert stored_source(live, vid) == a + rest
 
 
-def test_concurrent_patches_in_two_processes(tmp_path: Path) -> None:
+def test_concurrent_patches_in_two_processes(tmp_path: Path, backend: Backend) -> None:
     """Two app instances (two processes' worth of state: engines, locks) on one database and
-    uploads directory: both bodies arrive in full, the database compare-and-set picks one."""
-    live = LiveControl(tmp_path / "var", apps=2)
+    uploads directory: the first PATCH holds the session's file lock while its body arrives,
+    the second waits for it, finds the offset moved and is a 409 with nothing written."""
+    live = LiveControl(tmp_path / "var", apps=2, backend=backend)
     try:
         url, vid = live.create(250_000)
         path = url.split("/v1/tus/")[1]
@@ -523,7 +549,7 @@ def test_concurrent_patches_in_two_processes(tmp_path: Path) -> None:
                 )
                 for base, body in zip(live.urls, bodies, strict=True)
             ]
-            time.sleep(0.4)  # both bodies under way, past each process's own lock
+            time.sleep(0.4)  # one body under way holding the lock, the other waiting for it
             go.set()
             results = [f.result(30) for f in futures]
         statuses = sorted(r.status_code for r in results)
@@ -543,14 +569,17 @@ def test_concurrent_patches_in_two_processes(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveControl, str]]:
-    lc = LiveControl(tmp_path_factory.mktemp("tus") / "var")
-    try:
-        url, _ = lc.create(1000)
-        assert patch(url, lc.auth(), 0, b"x" * 10).status_code == 204
-        yield lc, url
-    finally:
-        lc.close()
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, backends: Backends
+) -> Iterator[tuple[LiveControl, str]]:
+    with backends.lease() as backend:
+        lc = LiveControl(tmp_path_factory.mktemp("tus") / "var", backend=backend)
+        try:
+            url, _ = lc.create(1000)
+            assert patch(url, lc.auth(), 0, b"x" * 10).status_code == 204
+            yield lc, url
+        finally:
+            lc.close()
 
 
 NUL_VALUE = b64("a\x00b")

@@ -1,7 +1,7 @@
 """The stock JavaScript client, tus-js-client (what Uppy uses), under Node against the real
-control app: creation with the first chunk on the POST, several PATCHes, a retry after a
-connection cut mid-PATCH, and a resume in a second run. The stored source must be
-byte-identical (sha256) to the file.
+control app (on the backend `--backend` names): creation with the first chunk on the POST,
+several PATCHes, a retry after a connection cut mid-PATCH, and a resume in a second run. The
+stored source must be byte-identical (sha256) to the file.
 
 The client is pinned in tests/js/package.json (+ package-lock.json); this module installs it
 into tests/js/node_modules with `npm ci` the first time (bounded, loud on failure) and reuses
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,46 +22,22 @@ import pytest
 import requests
 from sqlalchemy import select
 
+from tests.backends import Backend, read_object, run_sync
 from tests.faultproxy import CuttingProxy
-from tests.integration.test_tus import LiveControl, stored_source
+from tests.integration.test_tus import LiveControl
+from tests.nodejs import JS_DIR, node_with_packages
 from vodcore.db.schema import videos
-
-JS_DIR = Path(__file__).resolve().parents[1] / "js"
-NPM_TIMEOUT = 180
-
-
-def _pinned_version() -> str:
-    return str(json.loads((JS_DIR / "package.json").read_text())["dependencies"]["tus-js-client"])
-
-
-def _installed_version() -> str | None:
-    manifest = JS_DIR / "node_modules" / "tus-js-client" / "package.json"
-    if not manifest.exists():
-        return None
-    return str(json.loads(manifest.read_text())["version"])
+from vodcore.layout import source_key
 
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail("Node.js (>= 18) and npm are needed for the tus-js-client tests", pytrace=False)
-    major = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
-    assert int(major.stdout.strip().lstrip("v").split(".")[0]) >= 18, major.stdout
-    if _installed_version() != _pinned_version():
-        p = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=JS_DIR, capture_output=True, text=True, timeout=NPM_TIMEOUT,
-        )  # fmt: skip
-        if p.returncode != 0:
-            pytest.fail(f"npm ci in {JS_DIR} failed:\n{p.stdout}\n{p.stderr}", pytrace=False)
-    assert _installed_version() == _pinned_version()
-    return node
+    return node_with_packages("the tus-js-client tests")
 
 
 @pytest.fixture
-def live(tmp_path: Path) -> Iterator[LiveControl]:
-    lc = LiveControl(tmp_path / "var")
+def live(tmp_path: Path, backend: Backend) -> Iterator[LiveControl]:
+    lc = LiveControl(tmp_path / "var", **backend.overrides())
     try:
         yield lc
     finally:
@@ -82,6 +57,10 @@ def run_client(node: str, endpoint: str, src: Path, key: str, *args: str) -> dic
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def stored_source(live: LiveControl, vid: str) -> bytes:
+    return run_sync(lambda: read_object(live.settings, source_key(vid)))
 
 
 def test_tus_js_client_retries_after_a_cut(node: str, live: LiveControl, tmp_path: Path) -> None:

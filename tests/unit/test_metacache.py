@@ -1,5 +1,7 @@
 """The metadata cache: the local level's policy (TTLs, LRU bound, invalidation racing a read)
-and the read-through's single flight, with a fake loader and no Redis."""
+and the read-through's single flight, with a fake loader and no Redis; and what the playback
+fast path, which answers from this cache, needs of the rate limiter (taking a bucket without
+awaiting)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,19 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from control.metacache import ABSENT, LocalCache, Meta, MetaCache, kind
+from control.ratelimit import (
+    RATE_LIMITERS_KEY,
+    MemoryBuckets,
+    Rate,
+    RateLimitConfig,
+    RateLimiter,
+    RedisBuckets,
+    install,
+    make_limiter,
+)
 
 READY = {"id": "v", "state": "READY", "title": "t"}
 BLOCKED = {"id": "v", "state": "BLOCKED"}
@@ -165,3 +178,128 @@ async def test_a_failed_read_reaches_every_waiter_and_is_not_cached() -> None:
     assert all(isinstance(r, RuntimeError) for r in results)
     load.fail = None
     assert await cache.get("v") == READY and load.calls == ["v", "v"]
+
+
+async def test_a_hit_near_the_end_re_reads_in_the_background() -> None:
+    cache, load, clock = _cache({"v": READY})
+    load.gate.set()
+    assert await cache.get("v") == READY and load.calls == ["v"]
+    clock.now += 0.7  # 0.3 s left: more than REFRESH_AHEAD, nothing happens
+    assert cache.peek("v") == READY and load.calls == ["v"]
+    load.gate.clear()  # the re-read will wait
+    load.rows["v"] = {**READY, "title": "new"}
+    clock.now += 0.1  # 0.2 s left
+    assert cache.peek("v") == READY  # answered at once, from memory
+    assert await cache.get("v") == READY  # still, and no second read is started
+    await asyncio.sleep(0)
+    assert load.calls == ["v", "v"] and cache.stats["ahead"] == 1
+    load.gate.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    clock.now += 0.5  # past the old entry's end: the re-read renewed it
+    assert cache.peek("v") == {**READY, "title": "new"} and len(load.calls) == 2
+
+
+async def test_a_refresh_not_landed_by_the_end_is_waited_for() -> None:
+    cache, load, clock = _cache({"v": READY})
+    load.gate.set()
+    await cache.get("v")
+    load.gate.clear()
+    clock.now += 0.9
+    assert cache.peek("v") == READY  # starts the re-read
+    clock.now += 0.1  # the entry ends: nothing is served past its TTL
+    assert cache.peek("v") is ABSENT
+    waiter = asyncio.ensure_future(cache.get("v"))  # joins the re-read in flight
+    await asyncio.sleep(0)
+    assert not waiter.done() and cache.stats["joined"] == 1
+    load.gate.set()
+    assert await waiter == READY and len(load.calls) == 2
+
+
+async def test_an_invalidation_keeps_a_background_re_read_out() -> None:
+    cache, load, clock = _cache({"v": READY})
+    load.gate.set()
+    await cache.get("v")
+    load.gate.clear()
+    clock.now += 0.9
+    assert cache.peek("v") == READY  # starts the re-read
+    await asyncio.sleep(0)
+    await cache.invalidate("v")  # a change commits while it is in flight
+    load.gate.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert cache.peek("v") is ABSENT  # not remembered: the next read goes to the database
+    load.rows["v"] = {**READY, "title": "new"}
+    assert (await cache.get("v"))["title"] == "new" and len(load.calls) == 3
+
+
+async def test_a_failed_background_re_read_changes_nothing() -> None:
+    cache, load, clock = _cache({"v": READY})
+    load.gate.set()
+    await cache.get("v")
+    load.fail = RuntimeError("database down")
+    clock.now += 0.9
+    assert cache.peek("v") == READY
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert cache.peek("v") == READY  # the entry lives to its end; this hit tries again
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(load.calls) == 3 and not cache._inflight  # one read at a time, none left
+    clock.now += 0.1
+    with pytest.raises(RuntimeError):
+        await cache.get("v")  # then a read as on any miss, its failure to the caller
+
+
+# --- what the playback fast path (control.videos.PlaybackFastPath) needs of the rate limiter ---
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_check_now_takes_from_the_same_buckets_as_check() -> None:
+    clock = _Clock()
+    limiter = make_limiter(
+        RateLimitConfig(key_per_second=1, key_burst=2, ip_per_second=1, ip_burst=3), clock
+    )
+    assert limiter.synchronous and limiter.enabled
+    assert limiter.check_now("10.0.0.1", "") == 0.0
+    assert asyncio.run(limiter.check("10.0.0.1", "")) == 0.0
+    assert limiter.check_now("10.0.0.1", "") == 0.0
+    assert limiter.check_now("10.0.0.1", "") == pytest.approx(1.0)  # the burst of 3 is spent
+    assert limiter.check_now("10.0.0.2", "Bearer k") == 0.0  # another IP; a key's own bucket
+    assert limiter.check_now("10.0.0.3", "Bearer k") == 0.0
+    assert limiter.check_now("10.0.0.4", "Bearer k") == pytest.approx(1.0)
+    clock.now += 1.0
+    assert limiter.check_now("10.0.0.1", "") == 0.0
+
+
+class _FakeRedis:
+    def register_script(self, _script: str) -> object:
+        return object()
+
+
+def test_buckets_in_redis_are_not_taken_synchronously() -> None:
+    on, off = Rate(10, 1), Rate(10, 0)
+    limiter = RateLimiter(RedisBuckets(_FakeRedis(), on), MemoryBuckets(on))
+    assert not limiter.synchronous
+    with pytest.raises(RuntimeError):
+        limiter.check_now("10.0.0.1", "")
+    # a rate of 0 needs no Redis: answered at once
+    limiter = RateLimiter(RedisBuckets(_FakeRedis(), off), RedisBuckets(_FakeRedis(), off))
+    assert limiter.synchronous and not limiter.enabled
+    assert limiter.check_now("10.0.0.1", "Bearer k") == 0.0
+
+
+def test_limits_off_install_no_middleware_but_are_listed() -> None:
+    app = web.Application()
+    off = install(app, RateLimitConfig(key_per_second=0, ip_per_second=0))
+    assert off.installed is None and list(app.middlewares) == []
+    on = install(app, RateLimitConfig(key_per_second=0, ip_per_second=5))
+    assert on.installed is not None and list(app.middlewares) == [on.installed]
+    assert app[RATE_LIMITERS_KEY] == [off, on]

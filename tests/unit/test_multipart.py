@@ -4,12 +4,14 @@ S3 holds, the state file and the local buffer's crash repair."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from control import multipart as mp
+from control.upload_files import write_body
 from vodcore.errors import ApiError
 from vodcore.store import PartInfo
 
@@ -88,16 +90,17 @@ def test_state_round_trip(tmp_path: Path) -> None:
     assert mp.load_state(tmp_path, "us_x") == st and st.base == 5
 
 
-def test_buffer_append_and_crash_repair(tmp_path: Path) -> None:
+async def test_buffer_append_and_crash_repair(tmp_path: Path) -> None:
     sid = "us_aaaaaaaaaaaaaaaa"
     assert mp.settle_buffer(tmp_path, sid, 0) == 0
-    stage = tmp_path / "stage"
-    stage.write_bytes(b"0123456789")
     buf0 = mp.buffer_path(tmp_path, sid, 0)
-    assert mp.append_at(buf0, stage, 0) == 10
-    stage.write_bytes(b"abc")
-    assert mp.append_at(buf0, stage, 10) == 13
-    assert mp.append_at(buf0, stage, 4) == 7  # bytes past the position are cut
+
+    async def put(data: bytes, at: int) -> None:
+        await write_body(buf0, at, _one(data), room=100, content_length=None, checksum=None)
+
+    await put(b"0123456789", 0)
+    await put(b"abc", 10)
+    await put(b"abc", 4)  # bytes past the position are cut
     assert buf0.read_bytes() == b"0123abc"
     assert mp.read_head(buf0, 4) == b"0123"
     # a part [0, 4) was recorded, then the process died before the buffer was cut
@@ -105,3 +108,7 @@ def test_buffer_append_and_crash_repair(tmp_path: Path) -> None:
     assert mp.buffer_path(tmp_path, sid, 4).read_bytes() == b"abc"
     assert not buf0.exists()
     assert mp.settle_buffer(tmp_path, sid, 4) == 3  # idempotent
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -1,69 +1,121 @@
-"""Compaction of committed chunks into an upload's `.part` (control/uploads.py rule 3): in
-order, up to the first gap, idempotent, and redone from the chunk after a cut-short copy."""
+"""The body writer of `control/upload_files.py`: a body goes once, in place, into the session's
+file at the offset; every failure leaves the file as it was at the offset."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from control.uploads import chunk_path, compact, part_path, remove_files
+import aiohttp
+import pytest
+
+from control import tus_protocol as tp
+from control.upload_files import WRITE_BATCH, part_path, remove_files, write_body
+from vodcore.errors import ApiError
 
 SID = "us_aaaaaaaaaaaaaaaa"
 
 
-def _chunks(d: Path) -> list[str]:
-    return sorted(p.name.split(".")[1] for p in d.glob(f"{SID}.*.chunk"))
+async def body(*pieces: bytes, then: BaseException | None = None) -> AsyncIterator[bytes]:
+    for p in pieces:
+        yield p
+    if then is not None:
+        raise then
 
 
-def test_chunks_go_in_order_up_to_the_first_gap(tmp_path: Path) -> None:
-    part_path(tmp_path, SID).write_bytes(b"0123456789")
-    chunk_path(tmp_path, SID, 20).write_bytes(b"KLMNO")  # arrives before the one at 10
-    chunk_path(tmp_path, SID, 10).write_bytes(b"abcdefghij")
-    chunk_path(tmp_path, SID, 30).write_bytes(b"zz")  # after a gap (25..30): waits
-    assert compact(tmp_path, SID) == 25
-    assert part_path(tmp_path, SID).read_bytes() == b"0123456789abcdefghijKLMNO"
-    assert _chunks(tmp_path) == [f"{30:020d}"]
-    assert compact(tmp_path, SID) == 25  # idempotent
-    chunk_path(tmp_path, SID, 25).write_bytes(b"12345")
-    assert compact(tmp_path, SID) == 32
-    assert part_path(tmp_path, SID).read_bytes().endswith(b"KLMNO12345zz")
-    assert _chunks(tmp_path) == []
+def checksum_of(data: bytes, *, wrong: bool = False) -> tp.Checksum:
+    return tp.Checksum("sha1", hashlib.sha1(data + (b"!" if wrong else b"")).digest())
 
 
-def test_a_cut_short_copy_is_redone_from_the_chunk(tmp_path: Path) -> None:
-    # a compactor died after writing 3 of the chunk's 6 bytes (the chunk is still there)
-    part_path(tmp_path, SID).write_bytes(b"head" + b"abc")
-    chunk_path(tmp_path, SID, 4).write_bytes(b"abcdef")
-    assert compact(tmp_path, SID) == 10
-    assert part_path(tmp_path, SID).read_bytes() == b"headabcdef"
-    # a chunk already wholly inside .part (placed, not yet deleted) is only deleted
-    chunk_path(tmp_path, SID, 4).write_bytes(b"abcdef")
-    assert compact(tmp_path, SID) == 10 and _chunks(tmp_path) == []
+def part(tmp_path: Path, content: bytes) -> Path:
+    p = part_path(tmp_path, SID)
+    p.write_bytes(content)
+    return p
 
 
-def test_concurrent_compactors_agree(tmp_path: Path) -> None:
-    part_path(tmp_path, SID).write_bytes(b"")
-    expect = b""
-    for i in range(40):
-        data = bytes([65 + i % 26]) * (1000 + i)
-        chunk_path(tmp_path, SID, len(expect)).write_bytes(data)
-        expect += data
-    sizes: list[int | None] = []
-    threads = [
-        threading.Thread(target=lambda: sizes.append(compact(tmp_path, SID))) for _ in range(4)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert part_path(tmp_path, SID).read_bytes() == expect
-    assert _chunks(tmp_path) == []
+async def test_written_in_place_cutting_a_dead_writers_tail(tmp_path: Path) -> None:
+    p = part(tmp_path, b"0123456789GARBAGE")
+    w = await write_body(
+        p, 10, body(b"abc", b"de"), room=100, content_length=5, checksum=checksum_of(b"abcde")
+    )
+    assert (w.count, w.interrupted) == (5, False)
+    assert p.read_bytes() == b"0123456789abcde"
 
 
-def test_gone_session(tmp_path: Path) -> None:
-    assert compact(tmp_path, SID) is None  # no .part: terminated or expired
+async def test_large_bodies_are_written_in_batches(tmp_path: Path) -> None:
+    p = part(tmp_path, b"")
+    pieces = [bytes([i % 251]) * 300_000 for i in range(40)]  # > 2 write batches
+    data = b"".join(pieces)
+    assert len(data) > 2 * WRITE_BATCH
+    w = await write_body(p, 0, body(*pieces), room=len(data), content_length=len(data),
+                         checksum=checksum_of(data))  # fmt: skip
+    assert w.count == len(data) and p.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("pieces", "room", "checksum", "status"),
+    [
+        ((b"abc", b"def"), 5, None, 413),  # past Upload-Length
+        ((b"abc",), 100, "wrong", 460),  # checksum mismatch
+    ],
+)
+async def test_a_refused_body_leaves_nothing(
+    tmp_path: Path, pieces: tuple[bytes, ...], room: int, checksum: str | None, status: int
+) -> None:
+    p = part(tmp_path, b"keep")
+    c = checksum_of(b"".join(pieces), wrong=True) if checksum else None
+    with pytest.raises(ApiError) as e:
+        await write_body(p, 4, body(*pieces), room=room, content_length=None, checksum=c)
+    assert e.value.kind.status == status
+    assert p.read_bytes() == b"keep"
+
+
+async def test_a_cut_body_keeps_what_arrived_unless_a_checksum_was_promised(
+    tmp_path: Path,
+) -> None:
+    cut = aiohttp.ClientPayloadError("cut")
+    p = part(tmp_path, b"ab")
+    w = await write_body(p, 2, body(b"cdef", then=cut), room=100, content_length=10,
+                         checksum=None)  # fmt: skip
+    assert (w.count, w.interrupted) == (4, True) and p.read_bytes() == b"abcdef"
+    with pytest.raises(ApiError) as e:
+        await write_body(p, 6, body(b"gh", then=cut), room=100, content_length=10,
+                         checksum=checksum_of(b"ghij"))  # fmt: skip
+    assert e.value.kind.status == 400 and p.read_bytes() == b"abcdef"
+
+
+async def test_a_silent_body_counts_as_cut(tmp_path: Path) -> None:
+    async def stalls() -> AsyncIterator[bytes]:
+        yield b"xy"
+        await asyncio.sleep(30)
+        yield b"never"
+
+    p = part(tmp_path, b"")
+    w = await asyncio.wait_for(
+        write_body(p, 0, stalls(), room=100, content_length=None, checksum=None, idle=0.1), 5
+    )
+    assert (w.count, w.interrupted) == (2, True) and p.read_bytes() == b"xy"
+
+
+async def test_never_a_hole(tmp_path: Path) -> None:
+    """A file shorter than the offset is refused (the caller settles first), never padded."""
+    p = part(tmp_path, b"abc")
+    with pytest.raises(RuntimeError):
+        await write_body(p, 10, body(b"z"), room=100, content_length=None, checksum=None)
+    assert p.read_bytes() == b"abc"
+
+
+async def test_a_gone_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await write_body(part_path(tmp_path, SID), 0, body(b"z"), room=10, content_length=None,
+                         checksum=None)  # fmt: skip
+
+
+def test_remove_files_takes_only_the_sessions(tmp_path: Path) -> None:
     part_path(tmp_path, SID).write_bytes(b"x")
-    chunk_path(tmp_path, SID, 1).write_bytes(b"y")
+    (tmp_path / f"{SID}.lock").write_bytes(b"")
     (tmp_path / "us_bbbbbbbbbbbbbbbb.part").write_bytes(b"other")
     assert remove_files(tmp_path, SID) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["us_bbbbbbbbbbbbbbbb.part"]

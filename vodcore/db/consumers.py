@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Float, Integer, String, Table, func, select, update
+from sqlalchemy import Column, Float, String, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from vodcore.db.schema import events, metadata
+from vodcore.db.schema import SEQ, events, metadata
 
 log = logging.getLogger("vod.consumers")
 
@@ -41,7 +41,7 @@ consumer_offsets = Table(
     "consumer_offsets",
     metadata,
     Column("name", String(64), primary_key=True),
-    Column("offset", Integer, nullable=False, default=0),  # the last events.seq applied
+    Column("offset", SEQ, nullable=False, default=0),  # the last events.seq applied
     Column("updated_at", Float, nullable=False),
 )
 

@@ -10,7 +10,8 @@ Rules:
   crash leaves the database at a whole version;
 - steps use Alembic's `Operations` (`batch_alter_table` on SQLite, which cannot ALTER a
   constraint: the table is copied, data and all); they only add: new tables come from
-  `create_all` (check-first) after the steps, new columns have defaults for old rows;
+  `create_all` (check-first) after the steps, new columns have defaults for old rows (one
+  exception, v4: a table replaced by another, whose live rows it carries over);
 - `drift` compares the live database with `schema.py` (Alembic's `compare_metadata`): the
   tests assert an upgraded old database and a fresh one are the same.
 
@@ -20,6 +21,7 @@ every process that opens the database (control, the transcoders) upgrades it at 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +29,10 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
-from sqlalchemy import Column, Integer, MetaData, Table, inspect, select
+from sqlalchemy import Column, Integer, MetaData, Table, inspect, select, text
 from sqlalchemy.engine import Connection
 
+from vodcore.db.engagement_schema import encode_batch, playback_batches
 from vodcore.db.schema import metadata
 
 version_table = Table(
@@ -61,9 +64,72 @@ def _v3_video_extras(op: Operations) -> None:
     op.create_index("ix_videos_owner_created", "videos", ["owner_key_id", "created_at", "id"])
 
 
+def _v4_playback_batches(op: Operations) -> None:
+    """Playback events are logged one row per request (`playback_batches`) instead of one row
+    per event (`playback_events`, dropped). The events its aggregator (offset name
+    `playback-views`) had not applied yet move over as batches, so no view is lost."""
+    conn = op.get_bind()
+    tables = set(inspect(conn).get_table_names())
+    if "playback_events" not in tables:
+        return
+    offset = 0
+    if "consumer_offsets" in tables:
+        offset = (
+            conn.execute(
+                text('SELECT "offset" FROM consumer_offsets WHERE name = :n'),
+                {"n": "playback-views"},
+            ).scalar()
+            or 0
+        )
+        conn.execute(text("DELETE FROM consumer_offsets WHERE name = :n"), {"n": "playback-views"})
+    rows = conn.execute(
+        text(
+            "SELECT event_id, video_id, session_id, event_type, position_seconds, occurred_at"
+            " FROM playback_events WHERE id > :o ORDER BY id"
+        ),
+        {"o": offset},
+    ).all()
+    playback_batches.create(conn, checkfirst=True)
+    for i in range(0, len(rows), 1000):
+        part = rows[i : i + 1000]
+        conn.execute(
+            playback_batches.insert().values(
+                received_at=time.time(), event_count=len(part), body=encode_batch(part)
+            )
+        )
+    op.drop_table("playback_events")
+
+
+# (table, column, its sequence when it is an autoincrementing key)
+_SEQ_COLUMNS = [
+    ("events", "seq", "events_seq_seq"),
+    ("purges", "seq", "purges_seq_seq"),
+    ("nodes", "applied_seq", None),
+    ("purge_acks", "seq", None),
+    ("consumer_offsets", "offset", None),
+]
+
+
+def _v5_bigint_sequences(op: Operations) -> None:
+    """Log sequence numbers and offsets become 64-bit on PostgreSQL (`schema.SEQ`): a 32-bit
+    `seq` turned a valid purge ack above 2**31 into a 500. SQLite's are 64-bit already."""
+    conn = op.get_bind()
+    if conn.dialect.name != "postgresql":
+        return
+    tables = set(inspect(conn).get_table_names())
+    for table, column, sequence in _SEQ_COLUMNS:
+        if table not in tables:
+            continue
+        op.alter_column(table, column, type_=sa.BigInteger(), existing_type=sa.Integer())
+        if sequence is not None:
+            conn.execute(text(f"ALTER SEQUENCE IF EXISTS {sequence} AS BIGINT"))
+
+
 STEPS: list[tuple[int, Callable[[Operations], None]]] = [
     (2, _v2_pipeline_dag),
     (3, _v3_video_extras),
+    (4, _v4_playback_batches),
+    (5, _v5_bigint_sequences),
 ]
 LATEST = STEPS[-1][0]
 

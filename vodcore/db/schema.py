@@ -18,6 +18,11 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+# Sequence numbers and offsets into logs: 64-bit. SQLite's INTEGER is 64-bit already (and an
+# autoincrementing key must be declared INTEGER there); PostgreSQL's INTEGER is 32-bit, which a
+# log outgrows and a client can overflow with a large but valid number (a 500 before v5).
+SEQ = BigInteger().with_variant(Integer(), "sqlite")
+
 videos = Table(
     "videos",
     metadata,
@@ -97,7 +102,7 @@ api_keys = Table(
 events = Table(
     "events",
     metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
     Column("kind", String(40), nullable=False),
     Column("video_id", String(40), nullable=True, index=True),
     Column("payload", JSON, nullable=True),
@@ -109,7 +114,7 @@ events = Table(
 purges = Table(
     "purges",
     metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
     Column("id", String(40), nullable=False, unique=True),
     Column("kind", String(16), nullable=False),  # video | keys | prefix | all
     Column("targets", JSON, nullable=False),  # video ids, surrogate keys or path prefixes
@@ -125,14 +130,14 @@ nodes = Table(
     metadata,
     Column("id", String(80), primary_key=True),  # e.g. edge@127.0.0.1:8080
     Column("tier", String(16), nullable=False),
-    Column("applied_seq", Integer, nullable=False, default=0),
+    Column("applied_seq", SEQ, nullable=False, default=0),
     Column("last_seen", Float, nullable=False),
 )
 
 purge_acks = Table(
     "purge_acks",
     metadata,
-    Column("seq", Integer, nullable=False, index=True),
+    Column("seq", SEQ, nullable=False, index=True),
     Column("node_id", String(80), nullable=False),
     Column("applied_at", Float, nullable=False),
     UniqueConstraint("seq", "node_id", name="uq_purge_acks_seq_node"),
