@@ -54,9 +54,9 @@ EMBEDDED = "embedded"
 SCALE = "scale"
 KINDS = (EMBEDDED, SCALE)
 ENV_VAR = "VOD_TEST_BACKEND"
-# DB numbers this suite leases; 12 is the bench's, 13-15 belong to suites with their own Redis
+# DB numbers this suite leases (12 is the bench's)
 REDIS_BASE_URL = os.environ.get("VOD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REDIS_DBS = range(1, 12)
+REDIS_DBS = (*range(1, 12), 13, 14, 15)  # 0 holds the leases
 REDIS_LEASE_SECONDS = 6 * 3600
 S3_PREFIX = "vod/"  # a shared-bucket layout, so the prefix handling runs too
 DB_PREFIX = "vodtest_"
@@ -305,7 +305,7 @@ class Backends:
                     client.close()
                 return n
         raise BackendUnavailable(
-            f"all Redis DBs {REDIS_DBS.start}-{REDIS_DBS.stop - 1} are leased by other test runs"
+            f"all Redis DBs ({', '.join(map(str, REDIS_DBS))}) are leased by other test runs"
         )
 
     def _release_redis(self, n: int) -> None:
@@ -366,6 +366,22 @@ class Backends:
             yield make_url(PG_URL).set(database=db).render_as_string(False)
         finally:
             self._release_db(db)
+
+    @contextlib.contextmanager
+    def redis_db(self) -> Iterator[str]:
+        """The URL of a private, flushed Redis DB, whatever the run's kind: for tests that cover
+        Redis themselves, so that two runs on one machine never share a DB."""
+        try:
+            n = self._lease_redis()
+        except (OSError, redis.RedisError, BackendUnavailable) as e:
+            pytest.fail(
+                f"Redis at {shown(REDIS_BASE_URL)} (VOD_TEST_REDIS_URL): {type(e).__name__}: {e}",
+                pytrace=False,
+            )
+        try:
+            yield self._redis_url(n)
+        finally:
+            self._release_redis(n)
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Backend]:

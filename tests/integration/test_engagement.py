@@ -1,15 +1,15 @@
 """Engagement through control's real HTTP stack on every backend it must hold for: SQLite and
 PostgreSQL, each embedded (the `playback_batches` table) and at scale (Redis Streams).
 
-PostgreSQL (127.0.0.1, or VOD_TEST_PG_URL) gets its own database `<db>_engagement` so suites
-that drop every table in `test` meanwhile don't interfere; Redis (db 14, or VOD_TEST_REDIS_URL)
-is flushed by each test. Either one missing fails loudly rather than skipping. The app's own
+Each test gets a private PostgreSQL database and a private Redis DB from `backends`
+(tests/backends.py: VOD_TEST_PG_URL, VOD_TEST_REDIS_URL), so other runs on the machine never
+interfere; either service missing fails loudly rather than skipping. The app's own
 aggregator prunes only when a test asks (`prune_every_seconds`), so the log can be counted."""
 
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -52,16 +52,15 @@ from control.engagement import (
     prune_table,
     run_aggregator,
 )
-from tests.pgdb import own_pg_database
+from tests.backends import Backends
 from vodcore.config import Settings
 from vodcore.db.consumers import consumer_offsets, get_offset
 from vodcore.db.engagement_schema import encode_batch, playback_batches, video_comments
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.migrations import version_table
-from vodcore.db.schema import metadata, videos
+from vodcore.db.schema import videos
 from vodcore.server import start_server
 
-REDIS_URL = os.environ.get("VOD_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 V1 = "vid_aaaaaaaaaaaaaaaa"
 V2 = "vid_bbbbbbbbbbbbbbbb"
 BLOCKED = "vid_cccccccccccccccc"
@@ -73,6 +72,7 @@ class World:
     api: str
     engine: AsyncEngine
     redis: aioredis.Redis | None
+    redis_url: str | None
     creator: str
     creator2: str
     operator: str
@@ -99,7 +99,7 @@ class World:
             await asyncio.sleep(0.05)
 
     def aggregator(self, **kw: Any) -> None:
-        redis_url = REDIS_URL if self.redis is not None else None
+        redis_url = self.redis_url
         kw.setdefault("settle_seconds", 0.3)
         kw.setdefault("prune_every_seconds", 3600)
         self.tasks.append(
@@ -141,18 +141,26 @@ BACKENDS = [("sqlite", False), ("postgresql", False), ("sqlite", True), ("postgr
 
 
 @pytest.fixture(params=BACKENDS, ids=[f"{db}{'-redis' if r else ''}" for db, r in BACKENDS])
-async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
+async def world(
+    request: pytest.FixtureRequest, tmp_path: Path, backends: Backends
+) -> AsyncIterator[World]:
     db, use_redis = request.param
+    with contextlib.ExitStack() as leases:
+        url = (
+            f"sqlite+aiosqlite:///{tmp_path / 'vod.db'}"
+            if db == "sqlite"
+            else leases.enter_context(backends.postgres())
+        )
+        redis_url = leases.enter_context(backends.redis_db()) if use_redis else None
+        async for w in _world(request, tmp_path, url, redis_url):
+            yield w
+
+
+async def _world(
+    request: pytest.FixtureRequest, tmp_path: Path, url: str, redis_url: str | None
+) -> AsyncIterator[World]:
     background = request.node.originalname not in WITHOUT_BACKGROUND
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'vod.db'}"
-        if db == "sqlite"
-        else await own_pg_database("engagement")
-    )
     engine = make_engine(url)
-    if db == "postgresql":
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.drop_all)
     await create_schema(engine)
     async with engine.begin() as conn:
         keys = [await create_key(conn, role, 0.0) for role in ("creator", "creator", "operator")]
@@ -164,19 +172,15 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
                 )
             )  # fmt: skip
     r: aioredis.Redis | None = None
-    if use_redis:
-        r = aioredis.Redis.from_url(REDIS_URL)
-        await r.ping()  # no Redis: fail loudly
-        await r.flushdb()
-    settings = Settings(
-        data_dir=tmp_path / "data", database_url=url, redis_url=REDIS_URL if use_redis else None
-    )
+    if redis_url is not None:
+        r = aioredis.Redis.from_url(redis_url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, redis_url=redis_url)
     app = make_app(settings)
     eng = app[ENGAGEMENT_KEY]  # the app's own, tuned for the test
     eng.settle_seconds, eng.claim_idle_ms, eng.autostart = 0.3, 300, background
     eng.prune_every_seconds = 3600
     runner: web.AppRunner = await start_server(app, "127.0.0.1", 0, access_log=False)
-    w = World(f"http://127.0.0.1:{runner.addresses[0][1]}", engine, r, *keys)
+    w = World(f"http://127.0.0.1:{runner.addresses[0][1]}", engine, r, redis_url, *keys)
     try:
         yield w
     finally:
@@ -184,7 +188,6 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await asyncio.gather(*w.tasks)
         await runner.cleanup()
         if r is not None:
-            await r.flushdb()
             await r.aclose()
         await engine.dispose()
 

@@ -1,5 +1,5 @@
-"""The metadata cache in the real control app (SQLite), with and without real Redis at
-redis://127.0.0.1:6379/13 (flushed here; Redis missing fails loudly, no skip): a hot playback
+"""The metadata cache in the real control app (SQLite), with and without real Redis (a private DB
+leased from `backends`; Redis missing fails loudly, no skip): a hot playback
 path reads nothing from the database, PATCH and moderation invalidate at once in the process
 that made the change and within the local TTL in another one sharing Redis, unknown ids are
 remembered briefly."""
@@ -7,6 +7,7 @@ remembered briefly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,14 +29,13 @@ from control.auth import create_key, hash_key
 from control.ids import new_id
 from control.metacache import METACACHE_KEY, MetaCache
 from control.videos import PlaybackFastPath
+from tests.backends import Backends
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import api_keys, videos
 from vodcore.server import FAST_PATH_KEY, start_server, write_access_line
 
-pytestmark = pytest.mark.timeout(60)
-
-REDIS_URL = "redis://127.0.0.1:6379/13"
+pytestmark = [pytest.mark.timeout(60), pytest.mark.own_backends]
 
 
 @dataclass
@@ -159,40 +159,45 @@ async def _world(
     return w
 
 
-async def _flush() -> None:
-    client = aioredis.from_url(REDIS_URL)
+async def _flush(url: str) -> None:
+    client = aioredis.from_url(url)
     try:
-        await client.flushdb()  # db 13 is these tests' own; no skip if Redis is missing
+        await client.flushdb()
     finally:
         await client.aclose()
 
 
+@pytest.fixture
+def redis_url(backends: Backends) -> Iterator[str]:
+    """A private, flushed Redis DB for this test (no skip if Redis is missing)."""
+    with backends.redis_db() as url:
+        yield url
+
+
 @pytest.fixture(params=["memory", "redis"])
-async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
-    redis_url = None
-    if request.param == "redis":
-        await _flush()
-        redis_url = REDIS_URL
-    w = await _world(tmp_path, redis_url)
-    try:
-        yield w
-    finally:
-        await w.session.close()
-        for n in w.nodes:
-            await n.runner.cleanup()
+async def world(
+    request: pytest.FixtureRequest, tmp_path: Path, backends: Backends
+) -> AsyncIterator[World]:
+    with contextlib.ExitStack() as leases:
+        url = leases.enter_context(backends.redis_db()) if request.param == "redis" else None
+        w = await _world(tmp_path, url)
+        try:
+            yield w
+        finally:
+            await w.session.close()
+            for n in w.nodes:
+                await n.runner.cleanup()
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[World]:
-    await _flush()
-    w = await _world(tmp_path, REDIS_URL, nodes=2)
+async def pair(tmp_path: Path, redis_url: str) -> AsyncIterator[World]:
+    w = await _world(tmp_path, redis_url, nodes=2)
     try:
         yield w
     finally:
         await w.session.close()
         for n in w.nodes:
             await n.runner.cleanup()
-        await _flush()
 
 
 @pytest.fixture
@@ -236,7 +241,7 @@ async def test_a_hot_playback_path_reads_no_database(
     w.nodes[0].meta.forget_local(vid)
     queries.clear()
     if w.settings.redis_url:
-        await _flush()
+        await _flush(w.settings.redis_url)
     results = await asyncio.gather(
         *(w.call("GET", f"/v1/videos/{vid}/playback") for _ in range(50))
     )
@@ -310,7 +315,8 @@ async def test_two_processes_share_redis_and_see_an_invalidation(
     assert len(about(queries, vid)) == 1  # b found it in Redis
     assert b.meta.stats["redis"] == 1 and b.meta.stats["db"] == 0
 
-    client = aioredis.from_url(REDIS_URL)
+    assert w.settings.redis_url is not None
+    client = aioredis.from_url(w.settings.redis_url)
     try:
         assert 0 < await client.pttl(f"vod:meta:{vid}") <= metacache.REDIS_TTL * 1000
         code, _ = await w.call("PATCH", f"/v1/videos/{vid}", {"title": "second"}, w.alice, node=0)
@@ -476,14 +482,14 @@ async def test_the_fast_path_stays_off_where_it_cannot_stand_in(
     customize: Callable[[web.Application], None] | None,
     redis: bool,
     field: str | None,
+    redis_url: str,
 ) -> None:
     overrides: dict[str, Any] = {}
     if redis:
         overrides = {"rate_limit_ip_per_second": 1000.0, "rate_limit_ip_burst": 1000.0}
-        await _flush()
     if field == "vary":
         overrides["cors_origins"] = ("https://app.example",)
-    w = await _world(tmp_path, REDIS_URL if redis else None, customize=customize, **overrides)
+    w = await _world(tmp_path, redis_url if redis else None, customize=customize, **overrides)
     try:
         node = w.nodes[0]
         node.meta.local.ttl = 60.0
@@ -498,8 +504,6 @@ async def test_the_fast_path_stays_off_where_it_cannot_stand_in(
         await w.session.close()
         for n in w.nodes:
             await n.runner.cleanup()
-        if redis:
-            await _flush()
 
 
 async def test_access_lines_of_fast_and_full_answers(
