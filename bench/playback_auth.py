@@ -230,12 +230,14 @@ def open_loop(url: str, *, rate: float, seconds: float, warmup: float = 2) -> Pa
     """bench/openloop.py at `rate` req/s for `seconds` (after `warmup`)."""
     import json
 
-    out = subprocess.run(
+    done = subprocess.run(
         [h.PY, str(h.BENCH / "openloop.py"), url, "--rate", str(rate), "--seconds",
          str(seconds), "--warmup", str(warmup)],
-        capture_output=True, text=True, check=True, timeout=seconds + warmup + 60,
-    ).stdout  # fmt: skip
-    r = json.loads(out)
+        capture_output=True, text=True, timeout=seconds + warmup + 60,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise h.BenchError(f"openloop.py exited with {done.returncode}: {done.stderr[-2000:]}")
+    r = json.loads(done.stdout)
     errors = int(r["non_200"]) + int(r["unanswered"]) + int(r["conn_errors"])
     return Paced(float(r["rate_achieved"]), r["p50_ms"], r["p99_ms"], r["p999_ms"], errors)
 
