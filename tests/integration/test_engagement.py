@@ -138,6 +138,7 @@ WITHOUT_BACKGROUND = {
     "test_grouped_appends_are_each_all_or_nothing",
 }
 BACKENDS = [("sqlite", False), ("postgresql", False), ("sqlite", True), ("postgresql", True)]
+pytestmark = pytest.mark.own_backends  # the four above in every run, whatever --backend says
 
 
 @pytest.fixture(params=BACKENDS, ids=[f"{db}{'-redis' if r else ''}" for db, r in BACKENDS])
