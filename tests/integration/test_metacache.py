@@ -174,30 +174,31 @@ def redis_url(backends: Backends) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def world(
-    request: pytest.FixtureRequest, tmp_path: Path, backends: Backends
-) -> AsyncIterator[World]:
-    with contextlib.ExitStack() as leases:
-        url = leases.enter_context(backends.redis_db()) if request.param == "redis" else None
-        w = await _world(tmp_path, url)
-        try:
-            yield w
-        finally:
-            await w.session.close()
-            for n in w.nodes:
-                await n.runner.cleanup()
-
-
-@pytest.fixture
-async def pair(tmp_path: Path, redis_url: str) -> AsyncIterator[World]:
-    w = await _world(tmp_path, redis_url, nodes=2)
+@contextlib.asynccontextmanager
+async def _serving(tmp_path: Path, redis_url: str | None, nodes: int = 1) -> AsyncIterator[World]:
+    w = await _world(tmp_path, redis_url, nodes=nodes)
     try:
         yield w
     finally:
         await w.session.close()
         for n in w.nodes:
             await n.runner.cleanup()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def world(
+    request: pytest.FixtureRequest, tmp_path: Path, backends: Backends
+) -> AsyncIterator[World]:
+    with contextlib.ExitStack() as leases:
+        url = leases.enter_context(backends.redis_db()) if request.param == "redis" else None
+        async with _serving(tmp_path, url) as w:
+            yield w
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, redis_url: str) -> AsyncIterator[World]:
+    async with _serving(tmp_path, redis_url, nodes=2) as w:
+        yield w
 
 
 @pytest.fixture
