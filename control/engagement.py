@@ -96,7 +96,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from control.auth import authenticate
 from control.ids import is_id, new_id
 from control.validation import decode_json
-from vodcore.db.consumers import consumer_offsets, get_offset
+from vodcore.db.consumers import IdleBackoff, consumer_offsets, get_offset
 from vodcore.db.engagement_schema import (
     MAX_ID_CHARS,
     encode_batch,
@@ -134,6 +134,7 @@ MAX_COMMENT_CHARS = 5000
 MAX_COMMENT_BODY = 64 * 1024
 DEFAULT_MIN_WATCH = 10.0
 
+MAX_IDLE_SECONDS = 1.0  # the table aggregator's longest pause between polls while idle
 STREAM = "vod:playback-events"
 GROUP = "vod-view-aggregator"
 # Entries, i.e. requests of 1..MAX_BATCH events: the cap only matters while no aggregator runs
@@ -987,6 +988,7 @@ async def _run_table(
     clock: Callable[[], float],
 ) -> None:
     prune = _Every(prune_every_seconds)
+    wait = IdleBackoff(idle_seconds, max(idle_seconds, MAX_IDLE_SECONDS))
     while not stop.is_set():
         try:
             n = await aggregate_table_once(
@@ -998,7 +1000,9 @@ async def _run_table(
         if prune.due():
             await _prune_safely(lambda: prune_table(engine))
         if n == 0:
-            await _pause(stop, idle_seconds)
+            await _pause(stop, wait.after(False))
+        else:
+            wait.after(True)
 
 
 async def _run_redis(

@@ -391,12 +391,18 @@ class Indexer:
         return n
 
     async def follow(
-        self, stop: asyncio.Event, clock: Callable[[], float] = time.time, idle: float = 0.2
+        self,
+        stop: asyncio.Event,
+        clock: Callable[[], float] = time.time,
+        idle: float = 0.2,
+        max_idle: float = 1.0,
     ) -> None:
-        """Apply batches back to back while there is a backlog, then poll; the lag gauge is
-        refreshed after each round. A failing batch is retried (handlers are idempotent)."""
+        """Apply batches back to back while there is a backlog, then poll, `idle` seconds
+        apart at first and up to `max_idle` while nothing comes (`IdleBackoff`); the lag gauge
+        is refreshed after each round. A failing batch is retried (handlers are idempotent)."""
         with contextlib.suppress(Exception):
             await self.ensure()
+        wait = consumers.IdleBackoff(idle, max(idle, max_idle))
         while not stop.is_set():
             try:
                 n = await self.run_once(clock())
@@ -406,7 +412,9 @@ class Indexer:
                 n = 0
             if n == 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), idle)
+                    await asyncio.wait_for(stop.wait(), wait.after(False))
+            else:
+                wait.after(True)
 
     async def rebuild(
         self, now: float, progress: Callable[[int, int], None] | None = None, batch: int = 500
