@@ -213,10 +213,6 @@ def start_controls(
     return ctl
 
 
-def wrk_latency(url: str, *, conns: int, seconds: float, threads: int = 2) -> h.WrkResult:
-    return h.wrk(url, threads=threads, conns=conns, seconds=seconds)
-
-
 @dataclass(frozen=True)
 class Paced:
     rate: float  # answered per second

@@ -988,7 +988,7 @@ async def _run_table(
     clock: Callable[[], float],
 ) -> None:
     prune = _Every(prune_every_seconds)
-    wait = IdleBackoff(idle_seconds, max(idle_seconds, MAX_IDLE_SECONDS))
+    wait = IdleBackoff(idle_seconds, MAX_IDLE_SECONDS)
     while not stop.is_set():
         try:
             n = await aggregate_table_once(

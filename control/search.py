@@ -402,7 +402,7 @@ class Indexer:
         is refreshed after each round. A failing batch is retried (handlers are idempotent)."""
         with contextlib.suppress(Exception):
             await self.ensure()
-        wait = consumers.IdleBackoff(idle, max(idle, max_idle))
+        wait = consumers.IdleBackoff(idle, max_idle)
         while not stop.is_set():
             try:
                 n = await self.run_once(clock())

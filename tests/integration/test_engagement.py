@@ -153,14 +153,15 @@ async def world(
             else leases.enter_context(backends.postgres())
         )
         redis_url = leases.enter_context(backends.redis_db()) if use_redis else None
-        async for w in _world(request, tmp_path, url, redis_url):
+        background = request.node.originalname not in WITHOUT_BACKGROUND
+        async with _world(tmp_path, url, redis_url, background) as w:
             yield w
 
 
+@contextlib.asynccontextmanager
 async def _world(
-    request: pytest.FixtureRequest, tmp_path: Path, url: str, redis_url: str | None
+    tmp_path: Path, url: str, redis_url: str | None, background: bool
 ) -> AsyncIterator[World]:
-    background = request.node.originalname not in WITHOUT_BACKGROUND
     engine = make_engine(url)
     await create_schema(engine)
     async with engine.begin() as conn:

@@ -11,5 +11,5 @@ def test_empty_polls_double_the_pause_up_to_high_and_work_resets_it() -> None:
 
 
 def test_high_below_low_never_shortens_the_pause() -> None:
-    b = IdleBackoff(0.5, 0.5)
+    b = IdleBackoff(0.5, 0.2)
     assert [b.after(False) for _ in range(3)] == [0.5, 0.5, 0.5]

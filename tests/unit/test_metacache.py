@@ -200,13 +200,20 @@ async def test_a_hit_near_the_end_re_reads_in_the_background() -> None:
     assert cache.peek("v") == {**READY, "title": "new"} and len(load.calls) == 2
 
 
-async def test_a_refresh_not_landed_by_the_end_is_waited_for() -> None:
+async def _re_read_in_flight() -> tuple[MetaCache, Loader, Clock]:
+    """A cached READY "v" 0.1 s before its end, whose refresh-ahead re-read has started and
+    waits at `load.gate`."""
     cache, load, clock = _cache({"v": READY})
     load.gate.set()
     await cache.get("v")
     load.gate.clear()
     clock.now += 0.9
     assert cache.peek("v") == READY  # starts the re-read
+    return cache, load, clock
+
+
+async def test_a_refresh_not_landed_by_the_end_is_waited_for() -> None:
+    cache, load, clock = await _re_read_in_flight()
     clock.now += 0.1  # the entry ends: nothing is served past its TTL
     assert cache.peek("v") is ABSENT
     waiter = asyncio.ensure_future(cache.get("v"))  # joins the re-read in flight
@@ -217,12 +224,7 @@ async def test_a_refresh_not_landed_by_the_end_is_waited_for() -> None:
 
 
 async def test_an_invalidation_keeps_a_background_re_read_out() -> None:
-    cache, load, clock = _cache({"v": READY})
-    load.gate.set()
-    await cache.get("v")
-    load.gate.clear()
-    clock.now += 0.9
-    assert cache.peek("v") == READY  # starts the re-read
+    cache, load, _clock = await _re_read_in_flight()
     await asyncio.sleep(0)
     await cache.invalidate("v")  # a change commits while it is in flight
     load.gate.set()

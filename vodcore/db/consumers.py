@@ -92,8 +92,8 @@ class IdleBackoff:
     def after(self, found: bool) -> float:
         if found or self.current == 0.0:
             self.current = self.low
-        else:
-            self.current = min(self.high, self.current * 2)
+        else:  # a `high` below `low` never shortens the pause
+            self.current = max(self.low, min(self.high, self.current * 2))
         return self.current
 
 
