@@ -79,7 +79,7 @@ def make_app(settings: Settings) -> web.Application:
         body: dict[str, Any] = {
             "videoId": created.video_id,
             "uploadSessionId": created.session_id,
-            "uploadUrl": upload_url(request, created.session_id),
+            "uploadUrl": upload_url(settings, request, created.session_id),
             "partSizeBytes": created.part_size or settings.upload_part_bytes,
             "expiresAt": _iso(created.expires_at),
         }

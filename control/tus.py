@@ -25,6 +25,7 @@ from control.auth import authenticate
 from control.ids import is_id
 from control.uploads import Uploads
 from control.validation import upload_request
+from vodcore.config import Settings
 from vodcore.errors import BAD_REQUEST, NOT_FOUND, VALIDATION, ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,9 +56,19 @@ def tus_handler(fn: Handler) -> Handler:
     return wrapped
 
 
-def upload_url(request: web.Request, session_id: str) -> str:
-    """Absolute URL of an upload resource, as the client reached us (Host header)."""
-    return str(request.url.with_path(f"/v1/tus/{session_id}").with_query(None))
+def upload_url(settings: Settings, request: web.Request, session_id: str) -> str:
+    """Absolute URL of an upload resource: under `public_control_url` when configured, else
+    the address the connection reached (the socket's own, as a literal). Never from `Host`,
+    which the client chooses: a poisoned Location would send a resuming client's bytes
+    elsewhere."""
+    path = f"/v1/tus/{session_id}"
+    if settings.public_control_url:
+        return settings.public_control_url.rstrip("/") + path
+    sock = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sock:
+        return settings.control_url + path
+    host, port = sock[0], sock[1]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
 
 def _session_id(request: web.Request) -> str:
@@ -141,7 +152,7 @@ class TusEndpoint:
         return web.Response(
             status=201,
             headers={
-                "Location": upload_url(request, created.session_id),
+                "Location": upload_url(self.uploads.settings, request, created.session_id),
                 "Upload-Offset": str(offset),
                 "Upload-Expires": tp.http_date(created.expires_at),
                 "X-Video-Id": created.video_id,

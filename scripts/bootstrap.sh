@@ -23,6 +23,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra=""
 [ "${1:-}" = "dev" ] && extra="[dev]"
+# The transcoder runs every ffmpeg that reads an upload inside bubblewrap (transcoder/sandbox.py):
+# no network, and only its own work directory to read. It is a distribution package.
+if ! command -v bwrap >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap \
+      >/dev/null
+  else
+    echo "no bwrap: install your distribution's bubblewrap package (the transcoder's sandbox)" >&2
+  fi
+fi
 # The browser test (tests/integration/test_cors.py) drives Debian's chromium headless through
 # npm's playwright-core, which downloads no browser of its own.
 if [ -n "$extra" ] && [ ! -x /usr/bin/chromium ]; then

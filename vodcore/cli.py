@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(kc)
     kc.add_argument("--role", choices=("creator", "operator"), required=True)
     kc.set_defaults(func=cmd_keys_create)
+    from vodcore.keys_cli import add_key_parsers
+
+    add_key_parsers(ksub, common)
 
     ri = sub.add_parser("reindex", help="rebuild the search index from the event log")
     common(ri)

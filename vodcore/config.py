@@ -13,7 +13,9 @@ Environment: VOD_DATA, VOD_CONTROL_PORT, VOD_EDGE_PORT, VOD_SHIELD_PORT, VOD_ORI
 VOD_DATABASE_URL, VOD_FFMPEG, VOD_PUBLIC_EDGE_URL, VOD_CORS_ORIGINS (comma-separated, like
 `cors_origins` in TOML, which may also be a list); and for an S3 object store (`[s3] bucket`,
 `endpoint_url`, `region`, `prefix` in TOML) VOD_S3_BUCKET, VOD_S3_ENDPOINT_URL, VOD_S3_REGION,
-VOD_S3_PREFIX. S3 credentials are not settings: botocore reads AWS_ACCESS_KEY_ID etc.
+VOD_S3_PREFIX; per tier VOD_{TIER}_HOST (`[hosts]` in TOML), VOD_PUBLIC_CONTROL_URL,
+VOD_NODE_CREDENTIAL, VOD_TIER_SECRET. S3 credentials are not settings: botocore reads
+AWS_ACCESS_KEY_ID etc.
 """
 
 from __future__ import annotations
@@ -90,6 +92,32 @@ class Settings:
     # ("https://app.example",); "*" allows any. Empty: no CORS headers at all.
     cors_origins: tuple[str, ...] = ()
 
+    # Trust boundaries (issue 11) ----------------------------------------------------------
+    # Each tier binds its own address (`[hosts] edge = "0.0.0.0"`, VOD_EDGE_HOST, --host);
+    # a tier not named binds `host`. Only the edge and control face players and creators.
+    hosts: dict[str, str] = field(default_factory=dict)
+    # Base URL clients reach control at (uploadUrl, tus Location); never taken from `Host`.
+    public_control_url: str | None = None
+    # The credential a node (edge, shield, origin) presents to control's node endpoints
+    # (purge stream, acks, cutoffs, registration): `vod nodes create` prints one.
+    node_credential: str | None = None
+    node_ttl_seconds: float = 7 * 24 * 3600.0  # a node silent this long is dropped
+    max_nodes_per_credential: int = 64
+    # Shared secret of the serving tiers: when set, shields and origins answer only requests
+    # signed with it (edges and shields sign what they send upstream).
+    tier_secret: str | None = None
+    # Request hygiene on every server: a request head must arrive within this, a body may
+    # stall this long between reads, an idle keep-alive connection is closed after this.
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 15.0
+    max_connections_per_ip: int = 256  # 0: no cap
+    # Disk and quotas (control): bytes of sources per API key (0: no quota), open upload
+    # sessions per key, and free space kept on the upload/store filesystem.
+    quota_bytes_per_key: int = 100 * 1024**3
+    max_upload_sessions_per_key: int = 20
+    min_free_bytes: int = 512 * 1024**2
+
     # Derived locations -------------------------------------------------------------------
     @property
     def store_dir(self) -> Path:
@@ -118,6 +146,15 @@ class Settings:
 
     def url(self, tier: str) -> str:
         return f"http://{self.host}:{self.ports[tier]}"
+
+    def bind_host(self, tier: str) -> str:
+        """The address `tier` listens on (`[hosts]`, VOD_{TIER}_HOST), else `host`."""
+        return self.hosts.get(tier) or self.host
+
+    @property
+    def control_url(self) -> str:
+        """Control's public base URL, for URLs handed to clients."""
+        return (self.public_control_url or self.url("control")).rstrip("/")
 
     @property
     def edge_url(self) -> str:
@@ -171,6 +208,18 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         "rate_limit_key_burst",
         "rate_limit_ip_per_second",
         "rate_limit_ip_burst",
+        "public_control_url",
+        "node_credential",
+        "node_ttl_seconds",
+        "max_nodes_per_credential",
+        "tier_secret",
+        "header_timeout_seconds",
+        "body_timeout_seconds",
+        "keepalive_timeout_seconds",
+        "max_connections_per_ip",
+        "quota_bytes_per_key",
+        "max_upload_sessions_per_key",
+        "min_free_bytes",
     ):
         if key in doc:
             changes[key] = doc[key]
@@ -178,6 +227,8 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         changes["data_dir"] = Path(doc["data_dir"])
     if "ports" in doc:
         changes["ports"] = {**s.ports, **{k: int(v) for k, v in doc["ports"].items()}}
+    if "hosts" in doc:
+        changes["hosts"] = {**s.hosts, **{k: str(v) for k, v in doc["hosts"].items()}}
     cache, disk = dict(s.cache_bytes), dict(s.disk_cache_bytes)
     for tier in ("edge", "shield"):
         table = doc.get(tier)
@@ -206,6 +257,16 @@ def _apply_env(s: Settings, env: os._Environ[str] | dict[str, str]) -> Settings:
         if v:
             ports[tier] = int(v)
     changes["ports"] = ports
+    hosts = dict(s.hosts)
+    for tier in DEFAULT_PORTS:
+        v = env.get(f"VOD_{tier.upper()}_HOST")
+        if v:
+            hosts[tier] = v
+    changes["hosts"] = hosts
+    for name in ("public_control_url", "node_credential", "tier_secret"):
+        v = env.get(f"VOD_{name.upper()}")
+        if v:
+            changes[name] = v
     if env.get("VOD_DATA"):
         changes["data_dir"] = Path(env["VOD_DATA"])
     if env.get("VOD_DATABASE_URL"):

@@ -43,6 +43,11 @@ VIDEO_STATE          = ErrorKind("video_state", 409, "the video's state does not
 GONE                 = ErrorKind("gone", 410, "the resource was deleted")
 PRECONDITION         = ErrorKind("precondition_failed", 412, "unsupported protocol version")
 TOO_LARGE            = ErrorKind("too_large", 413, "the body exceeds the declared or allowed size")
+QUOTA_EXCEEDED       = ErrorKind("quota_exceeded", 413, "the upload exceeds the storage quota")
+TOO_MANY_UPLOADS     = ErrorKind("too_many_uploads", 429, "too many open upload sessions")
+INSUFFICIENT_STORAGE = ErrorKind("insufficient_storage", 507, "not enough storage space left")
+REQUEST_TIMEOUT      = ErrorKind("request_timeout", 408, "the request was not received in time")
+BAD_HEADER           = ErrorKind("bad_header", 400, "a request header is malformed")
 UNSUPPORTED_MEDIA    = ErrorKind("unsupported_media_type", 415, "unsupported Content-Type")
 RANGE_NOT_SATISFIABLE = ErrorKind("range_not_satisfiable", 416, "the range is outside the object")
 BLOCKED              = ErrorKind("blocked", 451, "the video is unavailable for legal reasons")
@@ -95,6 +100,7 @@ _HTTP_KIND = {
     403: FORBIDDEN,
     404: NOT_FOUND,
     405: METHOD_NOT_ALLOWED,
+    408: REQUEST_TIMEOUT,
     413: TOO_LARGE,
     415: UNSUPPORTED_MEDIA,
 }

@@ -125,11 +125,25 @@ def _v5_bigint_sequences(op: Operations) -> None:
             conn.execute(text(f"ALTER SEQUENCE IF EXISTS {sequence} AS BIGINT"))
 
 
+def _v6_node_credentials(op: Operations) -> None:
+    """Node credentials (issue 11): each node row records the credential it authenticated
+    with, so the table is bounded per credential. The new table comes from `create_all`."""
+    insp = inspect(op.get_bind())
+    if "nodes" not in set(insp.get_table_names()):
+        return  # older than the purge log: `create_all` makes the table whole
+    if any(c["name"] == "credential_id" for c in insp.get_columns("nodes")):
+        return  # already there (a database stamped older than its tables)
+    with op.batch_alter_table("nodes") as b:
+        b.add_column(sa.Column("credential_id", sa.String(40), nullable=True))
+        b.create_index("ix_nodes_credential_id", ["credential_id"])
+
+
 STEPS: list[tuple[int, Callable[[Operations], None]]] = [
     (2, _v2_pipeline_dag),
     (3, _v3_video_extras),
     (4, _v4_playback_batches),
     (5, _v5_bigint_sequences),
+    (6, _v6_node_credentials),
 ]
 LATEST = STEPS[-1][0]
 

@@ -132,6 +132,22 @@ nodes = Table(
     Column("tier", String(16), nullable=False),
     Column("applied_seq", SEQ, nullable=False, default=0),
     Column("last_seen", Float, nullable=False),
+    # the node credential it authenticated with (v6): caps nodes per credential
+    Column("credential_id", String(40), nullable=True, index=True),
+)
+
+# Node credentials (v6): what edges, shields and origins present to control's node endpoints
+# (purge stream, acks, cutoffs, registration). Only a hash of the secret is stored, as for
+# API keys; `vod nodes create` prints the secret once, `vod nodes revoke` ends it.
+node_credentials = Table(
+    "node_credentials",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("tier", String(16), nullable=False),  # edge | shield | origin | any
+    Column("name", String(80), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
 )
 
 purge_acks = Table(
