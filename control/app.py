@@ -20,6 +20,7 @@ from control.ids import is_id
 from control.moderation import Moderation
 from control.multipart import complete_request
 from control.negcache import NegativeCache
+from control.nodeauth import install as install_node_auth
 from control.openapi import OpenApi
 from control.purges import Purges
 from control.ratelimit import RateLimitConfig
@@ -53,6 +54,7 @@ def make_app(settings: Settings) -> web.Application:
     app = base_app("control", ready=lambda: ready["db"])
     install_rate_limits(app, RateLimitConfig.from_settings(settings))
     install_cors(app, settings.cors_origins)  # preflights are answered before rate limits
+    install_node_auth(app, engine, settings)  # purge stream, acks, cutoffs: nodes only
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await create_schema(engine)

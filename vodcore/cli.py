@@ -68,7 +68,7 @@ def cmd_tier(args: argparse.Namespace) -> int:
         from control.app import make_app as control_app
 
         app = control_app(s)
-    run(app, s.host, s.port(tier), tier=tier, access_log=args.access_log == "on")
+    run(app, s.host, s.port(tier), tier=tier, access_log=args.access_log == "on", settings=s)
     return 0
 
 

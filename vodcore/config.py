@@ -93,6 +93,10 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
 
     # Trust boundaries (issue 11) ----------------------------------------------------------
+    # Every ffmpeg that reads an upload runs in a bubblewrap sandbox (no network, only its work
+    # directory): "auto" uses bwrap when installed (a warning when not), "bwrap" requires it,
+    # "off" runs ffmpeg bare (the input-format and protocol allow-lists still hold).
+    ffmpeg_sandbox: str = "auto"
     # Each tier binds its own address (`[hosts] edge = "0.0.0.0"`, VOD_EDGE_HOST, --host);
     # a tier not named binds `host`. Only the edge and control face players and creators.
     hosts: dict[str, str] = field(default_factory=dict)
@@ -209,6 +213,7 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         "rate_limit_ip_per_second",
         "rate_limit_ip_burst",
         "public_control_url",
+        "ffmpeg_sandbox",
         "node_credential",
         "node_ttl_seconds",
         "max_nodes_per_credential",
@@ -263,7 +268,7 @@ def _apply_env(s: Settings, env: os._Environ[str] | dict[str, str]) -> Settings:
         if v:
             hosts[tier] = v
     changes["hosts"] = hosts
-    for name in ("public_control_url", "node_credential", "tier_secret"):
+    for name in ("public_control_url", "node_credential", "tier_secret", "ffmpeg_sandbox"):
         v = env.get(f"VOD_{name.upper()}")
         if v:
             changes[name] = v

@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
+from vodcore.config import Settings
 from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError, error_middleware
 from vodcore.metrics import metrics_handler, metrics_middleware
 from vodcore.paths import BadPath, split_raw_path
@@ -318,6 +319,7 @@ def run(
     tier: str,
     reuse_port: bool = True,
     access_log: bool = True,
+    settings: Settings | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests (10 s) and stop."""
     configure_logging()
