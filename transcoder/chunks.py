@@ -107,6 +107,7 @@ from transcoder.ffrun import run_progress
 from transcoder.ladder import Ladder
 from transcoder.manifests import MPD_NS, ManifestError, expand_template, parse_mpd
 from transcoder.probe import Probe
+from transcoder.sandbox import source_input
 
 SEEK_MARGIN_SECONDS = 3.0  # decode this much before a chunk so `fps` can fill its first slot
 AUDIO_DIR_STREAM = 0  # the audio encode's only output stream
@@ -322,7 +323,7 @@ def build_chunk_argv(
     first, end = chunk_slots(chunk, segment_seconds, ladder.fps)
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-y", "-progress", "pipe:1"]
     argv += seek_args(chunk)
-    argv += ["-i", src]
+    argv += source_input(src)
     graph = chunk_filter_graph(probe, ladder, chunk, segment_seconds, poster=with_poster)
     argv += ["-filter_complex", graph]
     for i in range(n):
@@ -344,7 +345,7 @@ def build_audio_argv(
         raise ValueError("the ladder has no audio to encode")
     _, audio = single_run_options(probe, ladder, segment_seconds, EncoderSettings())
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-y", "-progress", "pipe:1"]
-    argv += ["-i", src, "-map", f"0:{probe.audio_index}", *audio]
+    argv += [*source_input(src), "-map", f"0:{probe.audio_index}", *audio]
     argv += _dash_args(segment_seconds, 1)
     argv.append(MANIFEST_MPD)
     return argv
@@ -864,10 +865,12 @@ def _progress_seconds(line: str) -> float | None:
 
 
 async def run_ffmpeg(
-    argv: Sequence[str], cwd: Path, on_line: Callable[[str], None] | None = None
+    argv: Sequence[str], cwd: Path, on_line: Callable[[str], None] | None = None, src: str = ""
 ) -> None:
-    """Run ffmpeg in `cwd` in its own process group (one killpg on cancel stops it all)."""
-    rc, tail = await run_progress(argv, cwd, on_line)
+    """Run ffmpeg in `cwd` in its own process group (one killpg on cancel stops it all),
+    sandboxed: it writes `cwd` and reads `src` (`transcoder.sandbox`)."""
+    ro = [src] if src else []
+    rc, tail = await run_progress(argv, cwd, on_line, ro=ro)
     if rc != 0:
         raise ChunkError(f"ffmpeg exited with status {rc}: {tail}")
 
@@ -897,7 +900,7 @@ async def encode_chunk(
             on_progress(min(0.99, done / expected))
 
     await asyncio.to_thread(outdir.mkdir, parents=True, exist_ok=True)
-    await run_ffmpeg(plan.argv, outdir, line)
+    await run_ffmpeg(plan.argv, outdir, line, src)
     return plan
 
 
@@ -921,7 +924,7 @@ async def encode_audio(
             on_progress(max(0.0, min(0.99, done / duration)))
 
     await asyncio.to_thread(outdir.mkdir, parents=True, exist_ok=True)
-    await run_ffmpeg(argv, outdir, line)
+    await run_ffmpeg(argv, outdir, line, src)
 
 
 async def encode_chunks(

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 from transcoder.ladder import AV1, H264, HEVC, Ladder, Rung
 from transcoder.probe import Probe
+from transcoder.sandbox import source_input
 
 MANIFEST_MPD = "manifest.mpd"
 MASTER_M3U8 = "master.m3u8"
@@ -172,7 +173,7 @@ def build_argv(
     # 2x the segment in frames: no encoder inserts an unforced keyframe between forced ones
     gop = max(2, round(2 * segment_seconds * float(ladder.fps)))
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-y", "-progress", "pipe:1"]
-    argv += ["-i", src, "-filter_complex", filter_graph(probe, ladder)]
+    argv += [*source_input(src), "-filter_complex", filter_graph(probe, ladder)]
     for i in range(n):
         argv += ["-map", f"[v{i}]"]
     audio = ladder.audio and probe.audio_index is not None

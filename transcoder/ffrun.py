@@ -7,6 +7,9 @@ Rules:
 - and none outlives the process that started it either: the child asks the kernel for a
   SIGKILL when its parent dies (`PR_SET_PDEATHSIG`, Linux), so a worker killed with SIGKILL
   leaves no ffmpeg encoding on for nobody (`spawn_options`, for every ffmpeg we start);
+- every ffmpeg runs in the sandbox `configure` chose (`transcoder.sandbox`: bubblewrap, no
+  network, only the paths the caller names: `rw` writable, `ro` read-only); callers name the
+  work directory and the staged source, nothing else;
 - `run_capture` is for short runs whose stderr is the answer (probing, VMAF);
 - `run_progress` is for long runs: stdout lines (`-progress pipe:1`) go to a callback as they
   come, stderr goes to a file (the job's log, or a temporary file), and the last lines of it
@@ -25,9 +28,42 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from transcoder.sandbox import Sandbox, resolve
+
 STDERR_TAIL = 4000  # bytes of stderr kept for an error message
 _PR_SET_PDEATHSIG = 1
 _prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+
+
+_sandbox: Sandbox | None = None  # None: not chosen yet ("auto" on first use)
+
+PathArg = str | os.PathLike[str]
+
+
+def configure(mode: str) -> Sandbox:
+    """Choose the sandbox every later ffmpeg runs in (`ffmpeg_sandbox`: auto | bwrap | off);
+    raises `SandboxUnavailable` for "bwrap" when it cannot run here."""
+    global _sandbox
+    _sandbox = resolve(mode)
+    return _sandbox
+
+
+def sandbox() -> Sandbox:
+    global _sandbox
+    if _sandbox is None:
+        _sandbox = resolve("auto")
+    return _sandbox
+
+
+def wrap(
+    argv: Sequence[str],
+    *,
+    rw: Sequence[PathArg] = (),
+    ro: Sequence[PathArg] = (),
+    cwd: PathArg | None = None,
+) -> list[str]:
+    """`argv` as the configured sandbox runs it (see `transcoder.sandbox`)."""
+    return sandbox().wrap(argv, rw=rw, ro=ro, cwd=cwd)
 
 
 def _die_with(parent: int) -> Callable[[], None]:
@@ -58,12 +94,16 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 
 
 async def run_capture(
-    argv: Sequence[str], on_line: Callable[[str], None] | None = None
+    argv: Sequence[str],
+    on_line: Callable[[str], None] | None = None,
+    *,
+    rw: Sequence[PathArg] = (),
+    ro: Sequence[PathArg] = (),
 ) -> tuple[int, str]:
     """(exit status, stderr). With `on_line`, stdout lines go there and stderr is dropped
-    (a packet listing needs only stdout)."""
+    (a packet listing needs only stdout). ffmpeg sees only `rw` and `ro` (sandboxed)."""
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *wrap(argv, rw=rw, ro=ro),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE if on_line else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL if on_line else asyncio.subprocess.PIPE,
@@ -88,9 +128,13 @@ async def run_progress(
     cwd: Path,
     on_line: Callable[[str], None] | None = None,
     log_path: Path | None = None,
+    *,
+    rw: Sequence[PathArg] | None = None,
+    ro: Sequence[PathArg] = (),
 ) -> tuple[int, str]:
     """(exit status, the last lines of stderr, joined by " | "). stderr goes to `log_path`
-    (kept) or to a temporary file."""
+    (kept) or to a temporary file. ffmpeg sees `rw` (default: `cwd`) and `ro` (sandboxed)."""
+    argv = wrap(argv, rw=[cwd] if rw is None else rw, ro=ro, cwd=cwd)
     if log_path is not None:
         err = await asyncio.to_thread(open, log_path, "w+b")
     else:

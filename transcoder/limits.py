@@ -96,20 +96,9 @@ def _too_big(
     return f"{what} {value}{unit}; the limit is {limit}"
 
 
-def check_limits(probe: Probe, limits: Limits = DEFAULT_LIMITS) -> None:
-    """Raise `Unplayable` with a readable reason when `probe` breaks one of `limits`."""
-    size = probe.file_size
-    if size is not None and size > limits.max_bytes:
-        raise Unplayable(
-            _too_big(
-                "the file is",
-                format_bytes(size),
-                format_bytes(limits.max_bytes),
-                format_bytes(size, exact=True),
-                format_bytes(limits.max_bytes, exact=True),
-            )
-        )
-    w, h = probe.width, probe.height
+def check_picture(w: int, h: int, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Raise `Unplayable` when a w x h coded picture breaks one of `limits` (the probe also
+    calls it before anything is decoded, and for a size ffmpeg itself refuses to allocate)."""
     if min(w, h) < limits.min_side:
         raise Unplayable(
             f"the picture is {w}x{h} pixels; the smallest accepted is "
@@ -125,6 +114,22 @@ def check_limits(probe: Probe, limits: Limits = DEFAULT_LIMITS) -> None:
             f"the picture is {w}x{h} ({w * h / 1e6:.1f} megapixels); "
             f"the limit is {limits.max_pixels / 1e6:.1f} megapixels"
         )
+
+
+def check_limits(probe: Probe, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Raise `Unplayable` with a readable reason when `probe` breaks one of `limits`."""
+    size = probe.file_size
+    if size is not None and size > limits.max_bytes:
+        raise Unplayable(
+            _too_big(
+                "the file is",
+                format_bytes(size),
+                format_bytes(limits.max_bytes),
+                format_bytes(size, exact=True),
+                format_bytes(limits.max_bytes, exact=True),
+            )
+        )
+    check_picture(probe.width, probe.height, limits)
     duration = probe.duration
     if duration is not None and duration > limits.max_duration_seconds:
         raise Unplayable(

@@ -47,12 +47,13 @@ import asyncio
 import itertools
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
 from transcoder.ffrun import run_capture
+from transcoder.sandbox import source_input
 
 PROBE_TIMEOUT_SECONDS = 120.0
 HEAD_PACKETS = 120  # ~4 s at 30 fps: enough to see a rate change, cheap to demux
@@ -93,7 +94,7 @@ _DURATION = re.compile(
     re.M,
 )
 _STREAM = re.compile(r"^\s*Stream #0:(\d+)(?:\[[^\]]*\])?(?:\([^)]*\))?: (Video|Audio|\w+): (.*)$")
-_SIZE = re.compile(r"(?:^|[ ,])(\d{1,5})x(\d{1,5})(?=[ ,]|$)")
+_SIZE = re.compile(r"(?:^|[ ,])(\d{1,9})x(\d{1,9})(?=[ ,]|$)")
 # "[SAR 1:1 DAR 16:9]" is the codec's; a later bare "SAR a:b DAR c:d" is the container's, which
 # ffmpeg applies (av_guess_sample_aspect_ratio prefers it), so the last one wins.
 _SAR = re.compile(r"\[?SAR (\d+):(\d+) DAR \d+:\d+\]?")
@@ -122,7 +123,29 @@ def _error_lines(stderr: str) -> list[str]:
     return [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith(skip)]
 
 
+_INVALID_SIZE = re.compile(r"Picture size (\d+)x(\d+) is invalid")
+
+# the restricted formats and protocols (`transcoder.sandbox`): a playlist, a manifest, a concat
+# list… is refused, said in words rather than as ffmpeg's "Invalid argument"
+_REFUSED = ("Format not on whitelist", "not on whitelist")
+REFUSED_FORMAT = (
+    "the file is not a video container we accept (playlists, manifests and lists of other "
+    "files are refused; upload the video file itself)"
+)
+
+
+def invalid_picture_size(stderr: str) -> tuple[int, int] | None:
+    """The picture size ffmpeg refused to allocate (larger than any image it can hold)."""
+    m = _INVALID_SIZE.search(stderr)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def _open_failure(stderr: str) -> str:
+    if any(needle in stderr for needle in _REFUSED):
+        return REFUSED_FORMAT
+    size = invalid_picture_size(stderr)
+    if size is not None:
+        return f"the picture is {size[0]}x{size[1]} pixels, larger than ffmpeg can decode"
     if "misdetection possible" in stderr:  # a format guessed from the name alone: noise
         return "the file is not a video ffmpeg can read (its bytes match no known format)"
     for needle, reason in _KNOWN_ERRORS:
@@ -384,13 +407,13 @@ async def _packets(
     """Stream-copy the mapped streams into a framecrc listing; None if ffmpeg took too long."""
     log = PacketLog(keep=keep)
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-v", "error", *before_input]
-    argv += ["-i", str(src)]
+    argv += source_input(src)
     for index in maps:
         argv += ["-map", f"0:{index}"]
     argv += ["-c", "copy", *after, "-f", "framecrc", "pipe:1"]
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            await run_capture(argv, log.feed)
+            await run_capture(argv, log.feed, ro=[src])
     except TimeoutError:
         return None
     return log
@@ -412,8 +435,14 @@ async def _media_duration(ffmpeg: str, src: Path, info: Probe) -> float | None:
     return info.declared_duration
 
 
-async def probe(ffmpeg: str, src: Path) -> Probe:
-    """Probe, decode-check and measure `src`; raises Unplayable with a readable reason."""
+async def probe(
+    ffmpeg: str, src: Path, check_picture: Callable[[int, int], None] | None = None
+) -> Probe:
+    """Probe, decode-check and measure `src`; raises Unplayable with a readable reason.
+
+    `check_picture(width, height)` (raising Unplayable) judges the coded size before anything
+    is decoded, also when ffmpeg itself refuses a size too large to allocate, so that the
+    reason names the platform's limit (`transcoder.limits.check_picture`)."""
     try:
         size = (await asyncio.to_thread(src.stat)).st_size
     except FileNotFoundError:
@@ -422,15 +451,21 @@ async def probe(ffmpeg: str, src: Path) -> Probe:
         raise Unplayable("the file is empty (0 bytes)")
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            _, report = await run_capture([ffmpeg, "-hide_banner", "-nostdin", "-i", str(src)])
+            argv = [ffmpeg, "-hide_banner", "-nostdin", *source_input(src)]
+            _, report = await run_capture(argv, ro=[src])
     except TimeoutError:
         raise Unplayable("ffmpeg took too long to read the file's headers") from None
+    refused = invalid_picture_size(report)
+    if refused is not None and check_picture is not None:
+        check_picture(*refused)
     info = replace(parse_report(report), file_size=size)
-    argv = [ffmpeg, "-hide_banner", "-nostdin", "-i", str(src)]
+    if check_picture is not None:
+        check_picture(info.width, info.height)
+    argv = [ffmpeg, "-hide_banner", "-nostdin", *source_input(src)]
     argv += ["-map", f"0:{info.video_index}", "-frames:v", "1", "-f", "null", "-"]
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            rc, out = await run_capture(argv)
+            rc, out = await run_capture(argv, ro=[src])
     except TimeoutError:
         raise Unplayable("ffmpeg took too long to decode the first frame") from None
     check_decode(out, rc)

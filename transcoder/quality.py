@@ -54,6 +54,7 @@ from typing import Any
 from transcoder.command import MASTER_M3U8
 from transcoder.ffrun import run_capture
 from transcoder.manifests import ManifestError, parse_attributes, parse_master, parse_media_playlist
+from transcoder.sandbox import source_input
 
 QUALITY_JSON = "quality.json"
 MODEL = "vmaf_v0.6.1"
@@ -114,7 +115,8 @@ def build_vmaf_argv(
     )
     graph = f"[0:v:0]{chain}[dist];[1:{video_index}]{chain}[ref];[dist][ref]{vmaf}[vmaf]"
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-y"]
-    argv += ["-i", rendition_input, "-i", source, "-filter_complex", graph]
+    # input 0 is our own encode (a `concatf:` list of our segments); input 1 is the upload
+    argv += ["-i", rendition_input, *source_input(source), "-filter_complex", graph]
     argv += ["-map", "[vmaf]", "-f", "null", "-"]
     return argv
 
@@ -390,7 +392,7 @@ async def _measure_one(
         prep.log_path,
     )
     t0 = time.monotonic()
-    rc, err = await run_capture(argv)
+    rc, err = await run_capture(argv, rw=[tmp], ro=[prep.source, outdir])
     seconds = time.monotonic() - t0
     if rc != 0:
         tail = err[-STDERR_TAIL:].strip().splitlines()[-3:]

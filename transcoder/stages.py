@@ -32,7 +32,7 @@ from transcoder import pipeline as pl
 from transcoder.command import MASTER_M3U8, POSTER, PRESET, build_argv, parse_progress
 from transcoder.ffrun import run_progress
 from transcoder.ladder import Ladder, LadderError, display_size, plan_ladder
-from transcoder.limits import Limits, check_limits, encode_timeout_seconds
+from transcoder.limits import Limits, check_limits, check_picture, encode_timeout_seconds
 from transcoder.package import finish_outputs
 from transcoder.probe import Probe, Unplayable, probe
 from transcoder.publish import PublishError, missing_keys, referenced_keys, upload_dir
@@ -98,14 +98,21 @@ def reports_progress(job: jobq.Job) -> bool:
 
 
 async def run_ffmpeg(
-    argv: list[str], cwd: Path, log_path: Path, duration: float | None, progress: Progress
+    argv: list[str],
+    cwd: Path,
+    log_path: Path,
+    duration: float | None,
+    progress: Progress,
+    src: Path | None = None,
 ) -> None:
+    """Run one encode in `cwd`: sandboxed, it writes `cwd` and reads `src` only."""
+
     def line(text: str) -> None:
         pct = parse_progress(text, duration)
         if pct is not None:
             progress.percent = pct
 
-    rc, tail = await run_progress(argv, cwd, line, log_path)
+    rc, tail = await run_progress(argv, cwd, line, log_path, ro=[src] if src else [])
     if rc != 0:
         raise TranscodeError(f"ffmpeg exited with status {rc}: {tail}")
 
@@ -132,15 +139,33 @@ async def fetch(store: ObjectStore, key: str, dst: Path) -> None:
         f.close()
 
 
+STAGED_DIR = "input"
+STAGED_NAME = "source"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # same file system: no copy, and the store's file stays put
+    except OSError:  # another file system (EXDEV), or links refused: copy
+        shutil.copyfile(src, dst)
+
+
 async def source_path(store: ObjectStore, video_id: str, workdir: Path) -> Path:
+    """Stage the upload into the job's private work directory and return that copy's absolute
+    path: the only file of the store an ffmpeg run on it can see (`transcoder.sandbox`).
+    A hard link when the store is on the same file system, else a copy or a download."""
     key = source_key(video_id)
     if not await store.exists(key):
         raise Unplayable("the uploaded source file is missing from the store")
+    staged = await asyncio.to_thread(lambda: workdir.absolute() / STAGED_DIR)
+    dst = staged / STAGED_NAME
+    if await asyncio.to_thread(dst.exists):
+        return dst
+    await asyncio.to_thread(staged.mkdir, mode=0o700, exist_ok=True)
     local = store.local_path(key)
     if local is not None:
-        return local
-    dst = workdir / "source"  # a remote store: download once into the work dir
-    if not dst.exists():
+        await asyncio.to_thread(_link_or_copy, local, dst)
+    else:
         await fetch(store, key, dst)
     return dst
 
@@ -183,8 +208,9 @@ async def probe_stage(ctx: Ctx, job: jobq.Job, progress: Progress, workdir: Path
             raise Unplayable(str(e)) from None
         base = int(video["current_version"] or 0) + 1
     src = await source_path(ctx.store, job.video_id, workdir)
-    info = await probe(ctx.ffmpeg, src)
-    check_limits(info, ctx.limits)
+    limits = ctx.limits
+    info = await probe(ctx.ffmpeg, src, lambda w, h: check_picture(w, h, limits))
+    check_limits(info, limits)
     ladder = plan_for(info, ctx.settings.extra_codecs)
     s = ctx.settings
     chunks: list[dict[str, Any]] = []
@@ -252,7 +278,7 @@ async def encode_stage(ctx: Ctx, job: jobq.Job, progress: Progress, workdir: Pat
     t0 = time.monotonic()
     try:
         async with asyncio.timeout(budget):
-            await run_ffmpeg(argv, outdir, workdir / "ffmpeg.log", info.duration, progress)
+            await run_ffmpeg(argv, outdir, workdir / "ffmpeg.log", info.duration, progress, src)
     except TimeoutError:
         raise TranscodeError(f"ffmpeg took longer than its budget of {budget:.0f} s") from None
     elapsed = time.monotonic() - t0
@@ -524,7 +550,12 @@ async def quality_stage(ctx: Ctx, job: jobq.Job, progress: Progress, workdir: Pa
         tmpdir=scratch,
     )
     report = report_json(scores)
-    await ctx.store.put_bytes(prefix + QUALITY_JSON, orjson.dumps(report))
+    # through a file of ours (0644 like every other media file; the store's put_bytes makes
+    # its temporary file 0600)
+    report_path = workdir / QUALITY_JSON
+    await asyncio.to_thread(report_path.write_bytes, orjson.dumps(report))
+    await asyncio.to_thread(report_path.chmod, 0o644)
+    await ctx.store.put_file(prefix + QUALITY_JSON, report_path, move=True)
     summary = {
         "version": job.version,
         "file": QUALITY_JSON,

@@ -55,7 +55,8 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
-from transcoder.ffrun import kill_group, spawn_options
+from transcoder.ffrun import kill_group, spawn_options, wrap
+from transcoder.sandbox import source_input
 
 POSTER = "poster.jpg"
 VTT = "thumbnails.vtt"
@@ -269,7 +270,7 @@ def build_thumbnails_argv(
     """One ffmpeg run writing the frame counter (stdout progress), poster and sheets; output
     names are relative to its working directory."""
     argv = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "warning", "-nostats", "-y"]
-    argv += ["-progress", "pipe:1", "-i", os.fspath(src)]
+    argv += ["-progress", "pipe:1", *source_input(src)]
     argv += ["-filter_complex", filter_graph(video_index, plan, poster_size)]
     argv += ["-map", "[count]", "-frames:v", str(plan.thumbs), "-f", "null", "-"]
     argv += ["-map", "[poster]", "-frames:v", "1", "-update", "1"]
@@ -385,7 +386,7 @@ async def make_thumbnails(
     argv = build_thumbnails_argv(ffmpeg, source, video_index, plan, poster_size)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *wrap(argv, rw=[outdir], ro=[source], cwd=outdir),  # sandboxed: transcoder.sandbox
             cwd=outdir,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

@@ -32,6 +32,7 @@ from pathlib import Path
 from sqlalchemy import and_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from transcoder import ffrun
 from transcoder import pipeline as pl
 from transcoder.probe import Unplayable
 from transcoder.publish import LeaseLost
@@ -184,6 +185,8 @@ async def run_pool(
     """Run `slots` job loops until `stop` is set or the task is cancelled."""
     stop = stop or asyncio.Event()
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    # before anything else: with "bwrap", a pool that cannot sandbox ffmpeg does not start
+    await asyncio.to_thread(ffrun.configure, settings.ffmpeg_sandbox)
     engine = make_engine(settings.db_url)
     await create_schema(engine)  # idempotent; the pool may start before control
     store = make_store(settings)
