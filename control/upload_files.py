@@ -27,7 +27,7 @@ import mmap
 import os
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,9 @@ SESSION_FILE = re.compile(r"^(us_[a-z2-7]{16})\.")
 WRITE_BATCH = 4 * 1024 * 1024  # bytes gathered from the socket per write (one thread hop each)
 _IOV_MAX = 1024  # buffers per pwritev (Linux's IOV_MAX)
 BODY_IDLE_SECONDS = 60.0  # a body silent this long counts as cut short, freeing the lock
+# A long body commits its durable bytes this often (fsync + the offset's CAS): what a body
+# that never ends loses is bounded by it, at a cost of one fsync and one UPDATE a second.
+CHECKPOINT_SECONDS = 1.0
 
 
 def part_path(uploads_dir: Path, session_id: str) -> Path:
@@ -106,6 +109,7 @@ async def session_flock(uploads_dir: Path, session_id: str, wait: float) -> Asyn
 class Written:
     count: int  # bytes of the body now in the file (and fsynced) from the position on
     interrupted: bool  # the body ended before its Content-Length (the client went away)
+    cancelled: bool = False  # the handler was cancelled: raise it again after the commit
 
 
 async def write_body(
@@ -118,6 +122,8 @@ async def write_body(
     checksum: tp.Checksum | None,
     idle: float = BODY_IDLE_SECONDS,
     direct: bool = True,
+    checkpoint: Callable[[int], Awaitable[None]] | None = None,
+    checkpoint_every: float = CHECKPOINT_SECONDS,
 ) -> Written:
     """Write `body` into the existing file `path` at `position` (under the session's lock).
     `room`: the bytes the upload still has (past it: 413). On an error nothing of the body
@@ -126,10 +132,21 @@ async def write_body(
     The bytes are gathered into batches of WRITE_BATCH, each written by a worker thread while
     the next one arrives (one write in flight: memory stays bounded and the socket is paused
     while the disk is behind). `direct`: whole 4 KiB blocks go with O_DIRECT where the
-    filesystem takes it (see `_File`)."""
+    filesystem takes it (see `_File`).
+
+    `checkpoint(count)`: called (at most every `checkpoint_every` seconds, between batches)
+    once the body's first `count` bytes are written and fsynced; it moves the session's offset
+    there, so a body that never ends (a vanished client, a cancelled handler, a killed server)
+    keeps them: on an error the file is cut back to the last checkpoint, not to `position`.
+    Not with a checksum (tus §7.4: nothing of a body is kept before its checksum matches).
+    A cancelled handler (CancelledError) keeps, like a cut body, what arrived, and the
+    caller raises the cancellation again after its commit (`Written.cancelled`)."""
     f = await asyncio.to_thread(_File, path, direct)
     hasher = checksum.hasher() if checksum else None
-    queued, interrupted, touched, kept = 0, False, False, False
+    if hasher is not None:
+        checkpoint = None
+    queued, interrupted, touched, kept, cancelled = 0, False, False, False, False
+    committed = 0  # bytes of the body a checkpoint committed
     inflight: concurrent.futures.Future[None] | None = None
     try:
         size = (await asyncio.to_thread(os.fstat, f.fd)).st_size
@@ -140,6 +157,7 @@ async def write_body(
         pending: list[bytes] = []
         pending_len = 0
         loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             # One deadline for the whole body, pushed back as bytes arrive (at most once a
             # second: a timer per socket read costs more than the read) and lifted while
@@ -156,9 +174,12 @@ async def write_body(
                         deadline.reschedule(now + idle)
                         pushed = now
                     if pending_len >= WRITE_BATCH:
+                        durable = -1
                         if inflight is not None:
                             deadline.reschedule(None)
                             await asyncio.wrap_future(inflight)
+                            if checkpoint is not None and now - checked >= checkpoint_every:
+                                durable = f.through - position  # the batches written so far
                             pushed = loop.time()
                             deadline.reschedule(pushed + idle)
                         inflight = _WRITERS.submit(
@@ -166,8 +187,21 @@ async def write_body(
                         )
                         queued += pending_len
                         pending, pending_len = [], 0
+                        if checkpoint is not None and durable > committed and durable < room:
+                            # while the next batch is written: fsync what is written, then
+                            # commit it (the last byte is never committed here: completion
+                            # follows the body's end)
+                            deadline.reschedule(None)
+                            await asyncio.to_thread(os.fsync, f.fd)
+                            await checkpoint(durable)
+                            committed = durable
+                            checked = pushed = loop.time()
+                            deadline.reschedule(pushed + idle)
         except (*BODY_ERRORS, TimeoutError):
             interrupted = True  # the client went away (or fell silent) mid-body
+        except asyncio.CancelledError:
+            # the handler was cancelled (a server's timeout, a shutdown): keep what arrived
+            interrupted = cancelled = True
         if inflight is not None:
             done, inflight = inflight, None
             await asyncio.wrap_future(done)
@@ -186,11 +220,11 @@ async def write_body(
                 raise tp.checksum_mismatch(position)
         await asyncio.to_thread(os.fsync, f.fd)
         kept = True
-        return Written(queued, interrupted)
+        return Written(queued, interrupted, cancelled)
     finally:
-        # after the write in flight (a thread cannot be stopped), the file is cut back and
-        # closed, before the caller lets go of the session's lock
-        cut_to = None if (kept or not touched) else position
+        # after the write in flight (a thread cannot be stopped), the file is cut back to
+        # what is committed and closed, before the caller lets go of the session's lock
+        cut_to = None if (kept or not touched) else position + committed
         try:
             if inflight is not None:
                 with contextlib.suppress(Exception):  # the error on its way out is the one
@@ -222,6 +256,7 @@ class _File:
         self.direct_fd = -1
         self.buf: mmap.mmap | None = None
         self.carry = b""  # the part of a block held back for the next batch
+        self.through = 0  # bytes before this position are written (the carry is not)
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
@@ -241,6 +276,7 @@ class _File:
         total = sum(len(v) for v in views)
         if self.direct_fd < 0 or total == 0:
             _pwritev(self.fd, views, at)
+            self.through = at + total
             return
         head = min(total, -at % _BLOCK)  # up to the first block boundary: buffered
         if head:
@@ -253,8 +289,10 @@ class _File:
         rest = total - whole
         if rest and final:
             _pwritev(self.fd, views, at)
+            at += rest
         elif rest:
             self.carry = b"".join(views)
+        self.through = at
 
     def _write_direct(self, views: list[memoryview], at: int) -> None:
         if self.buf is None:

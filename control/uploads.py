@@ -17,7 +17,11 @@ Rules:
    mismatch 460, body past `Upload-Length` 413, a body cut short while a checksum was promised,
    the CAS itself) cuts `.part` back to the offset. A body cut short without a checksum keeps
    what arrived (tus §6 PATCH). A body silent for `body_idle` seconds counts as cut short, so a
-   vanished client does not hold the lock for ever.
+   vanished client does not hold the lock for ever; a cancelled handler keeps what arrived
+   too. A long body without a checksum checkpoints: about once a second the bytes written so
+   far are fsynced and the offset CAS-moved to them, so HEAD shows them while the body is
+   still coming and nothing can take them back (a vanished client, a killed server): only
+   the bytes since the last checkpoint are ever at stake.
 4. As every commit is fsynced before its CAS, `.part` always holds at least the offset's bytes.
    Should it not (a disk that lost data), HEAD and completion move the offset back to what it
    holds, under the lock, so the client resumes from what is really stored.
@@ -65,7 +69,6 @@ from control import tus_protocol as tp
 from control.auth import Principal
 from control.ids import is_id, new_id
 from control.upload_files import (
-    BODY_IDLE_SECONDS,
     cut,
     file_size,
     part_path,
@@ -252,18 +255,18 @@ class Uploads:
         store: ObjectStore,
         *,
         lock_wait: float = 5.0,
-        body_idle: float = BODY_IDLE_SECONDS,
+        body_idle: float | None = None,
     ) -> None:
         """`lock_wait`: how long a PATCH waits for another PATCH of the same upload before it
         is a 409; `body_idle`: how long a body may fall silent before it counts as cut short
-        (rule 3)."""
+        (rule 3), by default the settings' `body_timeout_seconds`."""
         self.settings = settings
         self.engine = engine
         self.store = store
         self.dir = settings.uploads_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock_wait = lock_wait
-        self.body_idle = body_idle
+        self.body_idle = settings.body_timeout_seconds if body_idle is None else body_idle
         self._locks: dict[str, _LockEntry] = {}
 
     def part_path(self, session_id: str) -> Path:
@@ -486,7 +489,15 @@ class Uploads:
         checksum: tp.Checksum | None,
     ) -> tuple[int, bool]:
         """The body into `path` at `position` (which stands for the session's offset), then
-        the offset's CAS; on any failure the file is cut back to `position`."""
+        the offset's CAS; a long body's checkpoints move the offset on the way (rule 3). On
+        any failure the file is cut back to the last committed byte."""
+        done = s  # the session as last committed
+
+        async def checkpoint(count: int) -> None:
+            nonlocal done
+            await self._cas_offset(done, s.offset + count)
+            done = dataclasses.replace(done, offset=s.offset + count)
+
         try:
             w = await write_body(
                 path,
@@ -496,18 +507,21 @@ class Uploads:
                 content_length=content_length,
                 checksum=checksum,
                 idle=self.body_idle,
+                checkpoint=checkpoint,
             )
         except FileNotFoundError:
             await self.session(s.id, time.time())  # 404 / 410
             raise ApiError(NOT_FOUND, "the upload was terminated meanwhile") from None
-        if w.count == 0:
-            return s.offset, w.interrupted
-        try:
-            await self._cas_offset(s, s.offset + w.count)
-        except BaseException:
-            await asyncio.to_thread(cut, path, position)
-            raise
-        return s.offset + w.count, w.interrupted
+        new_offset = s.offset + w.count
+        if new_offset != done.offset:
+            try:
+                await self._cas_offset(done, new_offset)
+            except BaseException:
+                await asyncio.to_thread(cut, path, position + done.offset - s.offset)
+                raise
+        if w.cancelled:  # kept what arrived; now let the cancellation go on
+            raise asyncio.CancelledError
+        return new_offset, w.interrupted
 
     async def _move_offset(self, s: Session, new_offset: int, *, unexpired: bool = False) -> bool:
         """Compare-and-set the offset of an open session from `s.offset`; False: it moved."""

@@ -237,3 +237,20 @@ async def test_termination_beats_a_patch_in_flight(pair: tuple[Uploads, Uploads]
 
 async def _body(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def test_a_cancelled_patch_keeps_what_arrived(pair: tuple[Uploads, Uploads]) -> None:
+    """A handler cancelled mid-body (a server's timeout, a shutdown) keeps the bytes that
+    arrived, moves the offset to them, and lets the cancellation go on."""
+    a, _b = pair
+    sid = await new_session(a, 100)
+    now = time.time()
+    never, arrived = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(a.patch(sid, 0, gated(b"k" * 40, never, arrived), now=now))
+    await asyncio.wait_for(arrived.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await a.session(sid, now)).offset == 40
+    assert part_path(a.dir, sid).read_bytes() == b"k" * 40
+    assert (await a.patch(sid, 40, _body(b"m" * 60), now=now)).completed
