@@ -8,6 +8,7 @@ a handler becomes a 500 in exactly one place, logged with its traceback and neve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 log = logging.getLogger("vod.errors")
 
@@ -48,6 +50,8 @@ TOO_MANY_UPLOADS     = ErrorKind("too_many_uploads", 429, "too many open upload 
 INSUFFICIENT_STORAGE = ErrorKind("insufficient_storage", 507, "not enough storage space left")
 REQUEST_TIMEOUT      = ErrorKind("request_timeout", 408, "the request was not received in time")
 BAD_HEADER           = ErrorKind("bad_header", 400, "a request header is malformed")
+URI_TOO_LONG         = ErrorKind("uri_too_long", 414, "the request target is too long")
+HEADERS_TOO_LARGE    = ErrorKind("headers_too_large", 431, "request header fields too large")
 UNSUPPORTED_MEDIA    = ErrorKind("unsupported_media_type", 415, "unsupported Content-Type")
 RANGE_NOT_SATISFIABLE = ErrorKind("range_not_satisfiable", 416, "the range is outside the object")
 BLOCKED              = ErrorKind("blocked", 451, "the video is unavailable for legal reasons")
@@ -121,9 +125,63 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         kind = _HTTP_KIND.get(e.status, ErrorKind("http_error", e.status, e.reason))
         headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow",)}
         return error_response(ApiError(kind, e.reason, headers=headers))
-    except (ConnectionResetError, TimeoutError):
-        raise
+    except DISCONNECTS:
+        raise  # the client went away: nothing to answer (vodcore/server.py keeps it quiet)
+    except TimeoutError:
+        if client_gone(request):
+            raise
+        return error_response(ApiError(UPSTREAM_TIMEOUT))
     except Exception:
+        if client_gone(request):
+            # Whatever a handler trips over once its client has closed the connection
+            # (a payload error mid-body, a write to a closing transport) is not our fault.
+            raise
         # The one place the unknown becomes a 500 (STYLE.md habit 6).
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(ApiError(INTERNAL))
+
+
+# What a handler raises when its client disconnects: reset, broken pipe (a sendfile to a
+# closed socket), aborted; aiohttp's ClientConnectionResetError (a write to a closing
+# transport) is a ConnectionResetError. ConnectionRefusedError is not here: that is an
+# upstream's, and a 5xx. aiohttp's client wraps its own socket errors in ClientOSError, so a
+# bare one of these escaping a handler comes from the client's socket.
+DISCONNECTS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+# Status counted and logged for a request whose client left before its answer (nginx's 499).
+CLIENT_CLOSED = 499
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def is_disconnect(request: web.BaseRequest, exc: BaseException | None) -> bool:
+    """Whether `exc`, escaping the handler of `request`, means its client went away."""
+    return isinstance(exc, (*DISCONNECTS, asyncio.CancelledError)) or client_gone(request)
+
+
+def head_error_kind(exc: HttpProcessingError) -> tuple[ErrorKind, str]:
+    """The catalogue entry and message for a request head aiohttp's parser refused.
+
+    RFC 9112 §3: a request-target longer than the server parses is 414; RFC 6585 §5: header
+    fields too large (one too long, or too many) are 431; any other malformed field (bad
+    name or value characters, obs-fold, NUL, an invalid or duplicate Content-Length, RFC 9112
+    §6.3) is 400 `bad_header`; the rest (request line, method, version) 400 `bad_request`.
+    """
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        if isinstance(line, bytes | str) and line[:1] in (b"/", "/", b"h", "h", b"*", "*"):
+            return URI_TOO_LONG, URI_TOO_LONG.message
+        return HEADERS_TOO_LARGE, HEADERS_TOO_LARGE.message
+    text = str(exc.message or "")
+    reason = text.split(":", 1)[0].splitlines()[0][:100] if text else ""
+    if not reason.isprintable() or not reason.isascii():
+        reason = ""
+    low = text.lower()
+    if "too many headers" in low:
+        return HEADERS_TOO_LARGE, HEADERS_TOO_LARGE.message
+    if "header" in low or "content-length" in low or "transfer-encoding" in low:
+        return BAD_HEADER, f"{BAD_HEADER.message}: {reason}" if reason else BAD_HEADER.message
+    return BAD_REQUEST, f"{BAD_REQUEST.message}: {reason}" if reason else BAD_REQUEST.message

@@ -9,6 +9,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from vodcore.errors import CLIENT_CLOSED, is_disconnect
+
 REQUESTS = Counter("vod_http_requests_total", "HTTP requests served", ["tier", "method", "status"])
 LATENCY = Histogram(
     "vod_http_request_seconds",
@@ -29,6 +31,12 @@ BYTES_SENT = Counter("vod_bytes_sent_total", "Body bytes sent to clients", ["tie
 FAST_ANSWERS = Counter(
     "vod_fastpath_answers_total", "Hits answered by the protocol-level fast path", ["tier"]
 )
+CONNECTIONS_CLOSED = Counter(
+    "vod_connections_closed_total",
+    "Connections a server closed to protect itself",
+    ["tier", "reason"],
+)  # reason: header_timeout | body_timeout | per_ip_cap | evicted | full (vodcore/connlimits.py)
+OPEN_CONNECTIONS = Gauge("vod_open_connections", "Client connections open", ["tier"])
 JOBS = Counter("vod_transcoder_jobs_total", "Transcoder jobs finished", ["result"])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -47,6 +55,11 @@ def metrics_middleware(tier: str) -> Middleware:
             resp = await handler(request)
             status = resp.status
             return resp
+        except BaseException as e:
+            # A client that left mid-request or mid-response is no server error (issue 11).
+            if is_disconnect(request, e):
+                status = CLIENT_CLOSED
+            raise
         finally:
             latency.observe(time.perf_counter() - t0)
             key = (request.method, status)

@@ -19,12 +19,43 @@ import uvloop
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 from aiohttp.web_server import Server
 
 from vodcore.config import Settings
-from vodcore.errors import BAD_PATH, NOT_FOUND, ApiError, error_middleware
-from vodcore.metrics import metrics_handler, metrics_middleware
+from vodcore.connlimits import (
+    BODY_CHECKS,
+    Admit,
+    BodyWatch,
+    PeerCounts,
+    ServerLimits,
+    admit,
+    fd_reserve,
+    raise_fd_limit,
+)
+from vodcore.errors import (
+    BAD_PATH,
+    CLIENT_CLOSED,
+    INTERNAL,
+    NOT_FOUND,
+    REQUEST_TIMEOUT,
+    UPSTREAM_TIMEOUT,
+    ApiError,
+    error_body,
+    error_middleware,
+    error_response,
+    head_error_kind,
+    is_disconnect,
+)
+from vodcore.metrics import (
+    CONNECTIONS_CLOSED,
+    OPEN_CONNECTIONS,
+    metrics_handler,
+    metrics_middleware,
+)
 from vodcore.paths import BadPath, split_raw_path
 
 
@@ -207,9 +238,250 @@ def fast_path_skippable(middleware: Callable[..., Any]) -> bool:
 
 FAST_PATH_KEY: web.AppKey[FastResponder] = web.AppKey("fast_path")
 
+log = logging.getLogger("vod.server")
 
-class _FastHandler(RequestHandler):
-    """aiohttp's protocol handler, with `vodcore.fastpath` answering plain fresh hits first.
+# Sent when a request head was begun but not finished in time (RFC 9110 §15.5.9: 408, and
+# the "close" connection option, since the server closes the connection).
+_HEAD_TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+    b"Cache-Control: no-store\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+) % (len(error_body(REQUEST_TIMEOUT)), error_body(REQUEST_TIMEOUT))
+
+
+class _Guard:
+    """What the connections of one server share: its limits (vodcore/connlimits.py), the
+    connections per peer, the connections waiting for a request head (oldest first: the
+    first to yield their slot when the budget is spent) and the counters."""
+
+    def __init__(self, limits: ServerLimits, tier: str) -> None:
+        self.limits = limits
+        self.peers = PeerCounts()
+        self.waiting: dict[_GuardedHandler, None] = {}
+        fd_limit = raise_fd_limit()
+        self.fd_reserve = fd_reserve(fd_limit)
+        self.fd_ceiling = fd_limit - self.fd_reserve
+        self.body_period = limits.body_timeout / BODY_CHECKS
+        self.closed = {
+            reason: CONNECTIONS_CLOSED.labels(tier, reason)
+            for reason in ("header_timeout", "body_timeout", "per_ip_cap", "evicted", "full")
+        }
+        OPEN_CONNECTIONS.labels(tier).set_function(lambda: self.peers.total)
+
+    def admit(self, peer: str, fd: int) -> Admit:
+        return admit(
+            peer_connections=self.peers.get(peer),
+            max_per_ip=self.limits.max_connections_per_ip,
+            connections=self.peers.total,
+            max_connections=self.limits.max_connections,
+            fd=fd,
+            fd_ceiling=self.fd_ceiling,
+            fd_reserve=self.fd_reserve,
+            waiting=len(self.waiting),
+        )
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's protocol handler with the limits of vodcore/connlimits.py, and JSON errors.
+
+    aiohttp times out nothing but idle keep-alive connections (`keepalive_timeout`, which
+    closes a connection still waiting for a head once it has been idle that long since its
+    last response, and is not pushed on by a trickle of bytes). Here, per connection:
+    - one head timer (`_head_deadline`), set at the connect and when the first bytes of a
+      later head arrive, cleared when a head is complete; the handle is not cancelled when
+      cleared but fires and sees the deadline gone (or moved, and re-arms), so a keep-alive
+      connection costs one timer, not one per request;
+    - one body timer while a request body is expected, checking the body's progress
+      `BODY_CHECKS` times per `body_timeout` (vodcore/connlimits.BodyWatch), not per read.
+    """
+
+    __slots__ = (
+        "_admitted",
+        "_body_handle",
+        "_body_payload",
+        "_body_watch",
+        "_guard",
+        "_head_deadline",
+        "_head_handle",
+        "_head_partial",
+        "_peer",
+    )
+
+    def __init__(self, *args: Any, guard: _Guard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+        self._peer = ""
+        self._admitted = False
+        self._head_deadline = 0.0
+        self._head_handle: asyncio.TimerHandle | None = None
+        self._head_partial = False
+        self._body_payload: StreamReader | None = None
+        self._body_watch: BodyWatch | None = None
+        self._body_handle: asyncio.TimerHandle | None = None
+
+    # -- connections: the per-IP cap and the descriptor budget ---------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self._guard
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else 0
+        verdict = guard.admit(ip, fd)
+        if verdict is Admit.PER_IP_CAP or verdict is Admit.FULL:
+            guard.closed[verdict.value].inc()
+            transport.close()
+            return
+        if verdict is Admit.EVICT_WAITING:
+            victim = next(iter(guard.waiting))
+            del guard.waiting[victim]
+            guard.closed["evicted"].inc()
+            victim.force_close()
+        self._admitted = True
+        self._peer = ip
+        guard.peers.add(ip)
+        super().connection_made(transport)
+        # the first head is due `header_timeout` after the connect
+        self._arm_head(self._loop.time() + guard.limits.header_timeout)
+        guard.waiting[self] = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return  # closed at once by connection_made: aiohttp never saw it
+        self._admitted = False
+        guard = self._guard
+        guard.peers.remove(self._peer)
+        guard.waiting.pop(self, None)
+        self._head_deadline = 0.0
+        self._body_payload = None
+        for handle in (self._head_handle, self._body_handle):
+            if handle is not None:
+                handle.cancel()
+        self._head_handle = self._body_handle = None
+        super().connection_lost(exc)
+
+    # -- the request head timeout ---------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages:
+            # a head is complete (or refused: its error answer is queued)
+            if self._head_deadline:
+                self._head_done()
+            payload = self._messages[-1][1]
+            if self._body_handle is None and not payload.is_eof():
+                self._watch_body(payload)
+        elif data:
+            if not self._head_deadline:
+                waiter = self._waiter
+                if waiter is None or waiter.done():
+                    return  # a handler runs (these are body bytes): no head is due
+                # the first bytes of the next head, on an idle keep-alive connection
+                self._arm_head(self._loop.time() + self._guard.limits.header_timeout)
+                self._guard.waiting[self] = None
+            self._head_partial = True
+
+    def _head_done(self) -> None:
+        self._head_deadline = 0.0
+        self._head_partial = False
+        self._guard.waiting.pop(self, None)
+
+    def _arm_head(self, deadline: float) -> None:
+        self._head_deadline = deadline
+        if self._head_handle is None:
+            self._head_handle = self._loop.call_at(deadline, self._on_head_timer)
+
+    def _on_head_timer(self) -> None:
+        self._head_handle = None
+        deadline = self._head_deadline
+        transport = self.transport
+        if not deadline or transport is None:
+            return
+        if self._loop.time() < deadline:  # cleared and set again since: wait for the new one
+            self._head_handle = self._loop.call_at(deadline, self._on_head_timer)
+            return
+        waiter = self._waiter
+        partial = self._head_partial
+        self._head_done()
+        if waiter is None or waiter.done() or self._messages:
+            return  # a request is being handled
+        self._guard.closed["header_timeout"].inc()
+        if partial and transport.get_write_buffer_size() == 0:
+            transport.write(_HEAD_TIMEOUT_ANSWER)
+        self.force_close()
+
+    # -- the request body timeout ---------------------------------------------------------
+
+    def _watch_body(self, payload: StreamReader) -> None:
+        self._body_payload = payload
+        self._body_watch = BodyWatch(payload.total_bytes, self._loop.time())
+        self._body_handle = self._loop.call_later(self._guard.body_period, self._on_body_timer)
+
+    def _on_body_timer(self) -> None:
+        self._body_handle = None
+        payload, watch = self._body_payload, self._body_watch
+        if payload is None or watch is None or self.transport is None:
+            return
+        if payload.is_eof() or payload.exception() is not None:
+            self._body_payload = None
+            return
+        # A reader waiting on the payload (aiohttp's StreamReader._waiter) is a handler
+        # waiting for the client; without one the handler is busy and the pause is ours.
+        waited_for = getattr(payload, "_waiter", None) is not None
+        if watch.stalled(
+            now=self._loop.time(),
+            received=payload.total_bytes,
+            waited_for=waited_for,
+            timeout=self._guard.limits.body_timeout,
+        ):
+            # Closing is the answer (nginx does the same for client_body_timeout): the
+            # handler's read fails as on any disconnect, which is not a server error.
+            self._body_payload = None
+            self._guard.closed["body_timeout"].inc()
+            log.info("request body from %s stalled; connection closed", self._peer)
+            self.force_close()
+            return
+        self._body_handle = self._loop.call_later(self._guard.body_period, self._on_body_timer)
+
+    # -- errors aiohttp answers itself ----------------------------------------------------
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        """aiohttp's answer to a head its parser refused, to a handler's escaped exception
+        and to a handler timeout: plain text there, the JSON catalogue here. A malformed
+        head is the client's mistake (one INFO line, no traceback); a client that went away
+        is nobody's (no line, status 499 in the access log); anything else is a bug."""
+        if isinstance(exc, HttpProcessingError):
+            kind, text = head_error_kind(exc)
+            log.info("bad request head from %s: %d %s", request.remote, kind.status, text)
+            resp: StreamResponse = error_response(ApiError(kind, text))
+        elif exc is not None and is_disconnect(request, exc):
+            if request.writer.output_size > 0:
+                raise ConnectionResetError("client disconnected mid-response")
+            resp = web.Response(status=CLIENT_CLOSED)
+        else:
+            if request.writer.output_size > 0:  # part of the answer is sent: cut it short
+                raise ConnectionResetError("response is broken after it began")
+            if status == 504:
+                resp = error_response(ApiError(UPSTREAM_TIMEOUT))
+            else:
+                log.error(
+                    "unhandled error on %s %s",
+                    request.method,
+                    request.path,
+                    exc_info=exc if exc is not None else False,
+                )
+                resp = error_response(ApiError(INTERNAL))
+        resp.force_close()
+        return resp
+
+
+class _FastHandler(_GuardedHandler):
+    """The guarded handler, with `vodcore.fastpath` answering plain fresh hits first.
 
     `_fast_state` tracks whether every byte given to aiohttp so far ended on a message
     boundary (0), may have left a request half-parsed (1), or carried a body/upgrade so we
@@ -248,6 +520,8 @@ class _FastHandler(RequestHandler):
                 self._request_count += 1
                 # an active connection is not idle: push aiohttp's keep-alive deadline on
                 self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                if self._head_deadline:  # a complete head: none is due now
+                    self._head_done()
                 return
         if self._fast_state != 2:
             low = data.lower()
@@ -258,24 +532,33 @@ class _FastHandler(RequestHandler):
         super().data_received(data)
 
 
-class _FastServer(Server):
+class _GuardedServer(Server):
     fast: FastResponder | None = None
+    guard: _Guard
 
     def __call__(self) -> RequestHandler:
         if self.fast is None:
-            return super().__call__()
-        return _FastHandler(self, loop=self._loop, fast=self.fast, **self._kwargs)
+            return _GuardedHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
+        return _FastHandler(self, loop=self._loop, guard=self.guard, fast=self.fast, **self._kwargs)
 
 
 class _Runner(web.AppRunner):
-    """aiohttp's AppRunner, giving connections the fast-path handler when the app has one."""
+    """aiohttp's AppRunner, giving connections the guarded handler (the fast-path one when
+    the app has a fast responder)."""
+
+    def __init__(
+        self, app: web.Application, *, limits: ServerLimits, tier: str, **kwargs: Any
+    ) -> None:
+        super().__init__(app, keepalive_timeout=limits.keepalive_timeout, **kwargs)
+        self._limits = limits
+        self._tier = tier
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()
-        fast = self.app.get(FAST_PATH_KEY)
-        if fast is not None:
-            server.__class__ = _FastServer
-            cast(_FastServer, server).fast = fast
+        server.__class__ = _GuardedServer
+        guarded = cast(_GuardedServer, server)
+        guarded.guard = _Guard(self._limits, self._tier)
+        guarded.fast = self.app.get(FAST_PATH_KEY)
         return server
 
 
@@ -287,13 +570,21 @@ async def start_server(
     access_log: bool = True,
     reuse_port: bool = True,
     handle_signals: bool = False,
+    settings: Settings | None = None,
+    tier: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> web.AppRunner:
-    """Serve `app` on host:port (port 0: any); returns the runner (`cleanup()` stops it)."""
+    """Serve `app` on host:port (port 0: any); returns the runner (`cleanup()` stops it).
+
+    The connection limits are `limits`, else those `settings` configure for `tier`
+    (vodcore/connlimits.py), else the defaults: the protections are always on."""
     fast = app.get(FAST_PATH_KEY)
     if fast is not None:
         fast.access_log = access_log
     runner = _Runner(
         app,
+        limits=limits or ServerLimits.from_settings(settings, tier),
+        tier=tier or "http",
         handle_signals=handle_signals,
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
         access_log_class=FastAccessLogger,
@@ -329,7 +620,14 @@ def run(
 
     async def serve() -> None:
         runner = await start_server(
-            app, host, port, access_log=access_log, reuse_port=reuse_port, handle_signals=True
+            app,
+            host,
+            port,
+            access_log=access_log,
+            reuse_port=reuse_port,
+            handle_signals=True,
+            settings=settings,
+            tier=tier,
         )
         try:
             await asyncio.Event().wait()  # until a signal raises GracefulExit
