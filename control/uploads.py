@@ -61,10 +61,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control import multipart as mp
+from control import quotas
 from control import tus_protocol as tp
 from control.auth import Principal
 from control.ids import is_id, new_id
@@ -79,7 +80,7 @@ from control.upload_files import (
 from control.validation import UploadRequest
 from vodcore.config import Settings
 from vodcore.db import jobs as jobq
-from vodcore.db.schema import upload_sessions, videos
+from vodcore.db.schema import api_keys, upload_sessions, videos
 from vodcore.db.videos import append_event, transition
 from vodcore.errors import (
     BAD_REQUEST,
@@ -305,6 +306,12 @@ class Uploads:
                 "its filesystem: upload with tus (the default method)",
                 extra={"field": "method"},
             )
+        # quota, session cap and free space (control/quotas.py), up front: checked here
+        # without a lock (no S3 call, no file for a refused creation), again in _insert's
+        # transaction, where two racing creations cannot both pass
+        await self._check_space(req)
+        async with self.engine.connect() as conn:
+            await self._check_limits(conn, req, owner_key_id, now, None, None)
         vid, sid = new_id("vid"), new_id("us")
         expires = now + self.settings.upload_ttl_seconds
         state: mp.MultipartState | None = None
@@ -324,8 +331,12 @@ class Uploads:
                 await asyncio.to_thread(remove_files, self.dir, sid)
                 raise
         else:
-            await asyncio.to_thread(self.part_path(sid).touch)
-            await self._insert(req, owner_key_id, vid, sid, now, expires, meta)
+            try:
+                await asyncio.to_thread(self.part_path(sid).touch)
+                await self._insert(req, owner_key_id, vid, sid, now, expires, meta)
+            except BaseException:
+                await asyncio.to_thread(remove_files, self.dir, sid)
+                raise
         if state is None:
             return Created(vid, sid, expires)
         urls: tuple[str, ...] = ()
@@ -376,6 +387,76 @@ class Uploads:
                 )
             )
             await append_event(conn, "video.created", vid, {"title": req.title}, now)
+            # after the writes: on SQLite the transaction holds the database's write lock from
+            # its first insert, on PostgreSQL the key's row is locked (FOR UPDATE), so a racing
+            # creation of the same key waits and then counts this one
+            await self._check_limits(conn, req, owner_key_id, now, vid, sid)
+
+    def limits(self) -> quotas.Limits:
+        s = self.settings
+        return quotas.Limits(s.quota_bytes_per_key, s.max_upload_sessions_per_key, s.min_free_bytes)
+
+    async def _check_space(self, req: UploadRequest) -> None:
+        """507 when the filesystem that will hold the upload's bytes cannot take them: the
+        uploads directory (and the store's, when it is another filesystem) for the whole
+        length; on S3, tus buffers about a part locally, and s3-multipart nothing."""
+        if req.method == mp.METHOD_S3:
+            return
+        needed = req.size_bytes
+        dirs = [self.dir]
+        if isinstance(self.store, MultipartStore):
+            needed = min(needed, mp.part_size(self.settings.upload_part_bytes, req.size_bytes))
+        else:
+            root = getattr(self.store, "root", None)
+            if isinstance(root, Path):
+                dirs.append(root)
+        seen: set[int] = set()
+        for d in dirs:
+            free = await asyncio.to_thread(_free_on, d, seen)
+            if free is not None:
+                quotas.check_space(self.limits(), needed, free)
+
+    async def _check_limits(
+        self,
+        conn: Any,
+        req: UploadRequest,
+        owner_key_id: str | None,
+        now: float,
+        vid: str | None,
+        sid: str | None,
+    ) -> None:
+        """413 / 429 (`quotas.check_creation`) for a creation by `owner_key_id`, counting
+        what the key holds but the video `vid` and session `sid` being created."""
+        limits = self.limits()
+        if owner_key_id is None or not (limits.quota_bytes or limits.max_sessions):
+            return
+        role_q = select(api_keys.c.role).where(api_keys.c.id == owner_key_id)
+        if vid is not None:  # in the creation's transaction (SQLite has no FOR UPDATE)
+            role_q = role_q.with_for_update()
+        role = (await conn.execute(role_q)).scalar_one_or_none()
+        if role is None or role == quotas.OPERATOR:
+            return
+        stored_q = select(func.coalesce(func.sum(videos.c.size_bytes), 0)).where(
+            videos.c.owner_key_id == owner_key_id,
+            videos.c.state.not_in([State.UPLOADING.value, State.DELETED.value]),
+        )
+        open_q = (
+            select(func.coalesce(func.sum(upload_sessions.c.size_bytes), 0), func.count())
+            .select_from(upload_sessions.join(videos, videos.c.id == upload_sessions.c.video_id))
+            .where(
+                videos.c.owner_key_id == owner_key_id,
+                upload_sessions.c.status == OPEN,
+                upload_sessions.c.expires_at > now,
+            )
+        )
+        if vid is not None:
+            stored_q = stored_q.where(videos.c.id != vid)
+        if sid is not None:
+            open_q = open_q.where(upload_sessions.c.id != sid)
+        stored = int((await conn.execute(stored_q)).scalar_one())
+        reserved, count = (await conn.execute(open_q)).one()
+        usage = quotas.Usage(stored, int(reserved), int(count))
+        quotas.check_creation(limits, usage, req.size_bytes, str(role))
 
     async def session(
         self, session_id: str, now: float, principal: Principal | None = None
@@ -802,6 +883,16 @@ class Uploads:
             s = await self.session(session_id, now)  # 404 if someone else removed it
             if not s.is_open:
                 raise ApiError(UPLOAD_STATE, "the upload completed meanwhile")
+
+
+def _free_on(path: Path, seen: set[int]) -> int | None:
+    """Free bytes of `path`'s filesystem, or None if that filesystem was already counted."""
+    dev = path.stat().st_dev if path.exists() else None
+    if dev is not None and dev in seen:
+        return None
+    if dev is not None:
+        seen.add(dev)
+    return quotas.free_bytes(path if path.exists() else path.parent)
 
 
 def _still_at(s: Session, cur: Session) -> Session:
