@@ -171,8 +171,10 @@ def head_error_kind(exc: HttpProcessingError) -> tuple[ErrorKind, str]:
     §6.3) is 400 `bad_header`; the rest (request line, method, version) 400 `bad_request`.
     """
     if isinstance(exc, LineTooLong):
+        # aiohttp reports the start of the line that overflowed; only a request-target
+        # starts with "/" (a header value rarely does: then 414 instead of 431, still 4xx).
         line = exc.args[0] if exc.args else b""
-        if isinstance(line, bytes | str) and line[:1] in (b"/", "/", b"h", "h", b"*", "*"):
+        if isinstance(line, bytes | bytearray) and line[:1] == b"/":
             return URI_TOO_LONG, URI_TOO_LONG.message
         return HEADERS_TOO_LARGE, HEADERS_TOO_LARGE.message
     text = str(exc.message or "")
