@@ -87,10 +87,42 @@ def kill_group(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
-    kill_group(proc)  # only does anything when we leave early
+async def spawn(argv: Sequence[str], **kwargs: Any) -> asyncio.subprocess.Process:
+    """`create_subprocess_exec` with `spawn_options`, safe against a cancel that lands while
+    the process is being set up (it exists, but `proc` was never returned): that process is
+    then killed with its group before the cancel goes on."""
+    program, *args = argv
+    options: dict[str, Any] = {**kwargs, **spawn_options()}
+    starting = asyncio.ensure_future(asyncio.create_subprocess_exec(program, *args, **options))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await reap(await starting)
+        raise
+
+
+GROUP_EXIT_SECONDS = 5.0  # how long `reap` waits for the rest of a killed group to be gone
+
+
+async def reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill the group if it still runs (only when we leave early), wait for `proc`, then for
+    every other member of its group: in the sandbox, ffmpeg and bwrap's init are not our
+    children (bwrap is), so `proc.wait()` alone returns while they are still dying."""
+    early = proc.returncode is None
+    kill_group(proc)
     if proc.returncode is None:
         await proc.wait()
+    if not early:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + GROUP_EXIT_SECONDS
+    while loop.time() < deadline:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # no process left in the group
+        await asyncio.sleep(0.01)
 
 
 async def run_capture(
@@ -102,12 +134,11 @@ async def run_capture(
 ) -> tuple[int, str]:
     """(exit status, stderr). With `on_line`, stdout lines go there and stderr is dropped
     (a packet listing needs only stdout). ffmpeg sees only `rw` and `ro` (sandboxed)."""
-    proc = await asyncio.create_subprocess_exec(
-        *wrap(argv, rw=rw, ro=ro),
+    proc = await spawn(
+        wrap(argv, rw=rw, ro=ro),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE if on_line else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL if on_line else asyncio.subprocess.PIPE,
-        **spawn_options(),
     )
     try:
         if on_line is not None:
@@ -119,7 +150,7 @@ async def run_capture(
         else:
             _, err = await proc.communicate()
     finally:
-        await _reap(proc)
+        await reap(proc)
     return proc.returncode if proc.returncode is not None else -1, err.decode("utf-8", "replace")
 
 
@@ -140,13 +171,12 @@ async def run_progress(
     else:
         err = await asyncio.to_thread(tempfile.TemporaryFile)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
+        proc = await spawn(
+            argv,
             cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=err,
-            **spawn_options(),
         )
         try:
             assert proc.stdout is not None
@@ -155,7 +185,7 @@ async def run_progress(
                     on_line(raw.decode("ascii", "replace"))
             rc = await proc.wait()
         finally:
-            await _reap(proc)
+            await reap(proc)
         tail = ""
         if rc != 0:
             end = err.seek(0, os.SEEK_END)

@@ -55,7 +55,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
-from transcoder.ffrun import kill_group, spawn_options, wrap
+from transcoder.ffrun import reap, spawn, wrap
 from transcoder.sandbox import source_input
 
 POSTER = "poster.jpg"
@@ -385,13 +385,12 @@ async def make_thumbnails(
     source = await asyncio.to_thread(_prepare, src, outdir)
     argv = build_thumbnails_argv(ffmpeg, source, video_index, plan, poster_size)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *wrap(argv, rw=[outdir], ro=[source], cwd=outdir),  # sandboxed: transcoder.sandbox
+        proc = await spawn(  # its own process group (one killpg stops it), dies with us
+            wrap(argv, rw=[outdir], ro=[source], cwd=outdir),  # sandboxed: transcoder.sandbox
             cwd=outdir,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            **spawn_options(),  # its own process group (one killpg stops it), dies with us
         )
     except OSError as e:
         raise ThumbnailError(f"could not start ffmpeg: {e}") from e
@@ -404,9 +403,7 @@ async def make_thumbnails(
     except TimeoutError:
         raise ThumbnailError(f"ffmpeg took longer than {timeout:g} s to make thumbnails") from None
     finally:
-        kill_group(proc)  # only does anything when we leave early (timeout, cancel)
-        if proc.returncode is None:
-            await proc.wait()
+        await reap(proc)  # only kills when we leave early (timeout, cancel)
     if rc != 0:
         raise _failure(f"ffmpeg exited with status {rc}", tail)
     has_poster, sheets_made = await asyncio.to_thread(_written, outdir, plan)

@@ -214,6 +214,9 @@ async def test_transcode_publishes_hls_and_dash(
     assert [r["height"] for r in quality["rungs"]] == [360, 240]
     assert all(0 < r["vmaf"] <= 100 for r in quality["rungs"])
     assert (base / "quality.json").is_file()
+    # readable like every other media file (it was written 0600 while the rest is 0644)
+    mode = (base / "quality.json").stat().st_mode & 0o777
+    assert mode == (base / "master.m3u8").stat().st_mode & 0o777, oct(mode)
     assert abs(decoded_seconds(base / "master.m3u8") - 4.0) <= 0.5
     # the work dir is gone
     assert list((settings.data_dir / "tmp").iterdir()) == []
