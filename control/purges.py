@@ -10,9 +10,20 @@
   an `event: live` (data: the last seq sent) says the node is caught up. Comments (`: ping`)
   keep idle connections alive and refresh the node's last-seen time.
 - `POST /v1/purges/acks {node, tier, seqs}`: a node says which purges it applied (the highest
-  seq also stands for every lower one: the node's applied seq is the maximum).
-- `GET /v1/purges/{id}`: which active nodes (seen in the last `ACTIVE_SECONDS`) applied it and
-  when, and `complete` once all of them have.
+  seq also stands for every lower one: the node's applied seq is the maximum). At most
+  `MAX_ACK_SEQS` seqs per request, none above the log's last seq (422: a node cannot claim a
+  purge that does not exist yet, so a forged "applied up to 2^62" is refused).
+- `GET /v1/purges/{id}`: which active nodes (seen in the last `ACTIVE_SECONDS`, registered
+  with a node credential) applied it and when, and `complete` once all of them have.
+
+Nodes (issue 11): the stream and the acks require a node credential (`control.nodeauth`; the
+middleware puts it in the request). A node id is bound to the credential that first registered
+it: another credential cannot stream or ack as that node (403). The `nodes` table is bounded:
+nodes unseen for `node_ttl_seconds` are dropped whenever a node registers, and a credential
+holds at most `max_nodes_per_credential` node ids: registering one more drops that
+credential's longest-unseen node (not refused: node ids carry the process id, so every restart
+is a new id, and refusing would lock a restarted fleet out; dropping the oldest lets a leaked
+credential churn only its own nodes, never another credential's).
 Wake-ups are in-process (one control process); every stream also re-reads the log every
 `POLL_SECONDS`, so a purge written by another control process still arrives.
 """
@@ -26,15 +37,17 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.auth import authenticate
 from control.ids import new_id
+from control.nodeauth import NODE_KEY, NODE_LIMITS_KEY, NodeLimits, check_tier, still_valid
+from control.nodes_credentials import NodeCredential
 from control.validation import decode_json
 from vodcore.db.schema import nodes, purge_acks, purges, videos
 from vodcore.db.videos import append_event
-from vodcore.errors import NOT_FOUND, VALIDATION, ApiError
+from vodcore.errors import FORBIDDEN, NOT_FOUND, UNAUTHENTICATED, VALIDATION, ApiError
 from vodcore.purge import Purge, parse_request
 
 ACTIVE_SECONDS = 60.0
@@ -43,6 +56,14 @@ PING_SECONDS = 10.0
 BATCH = 500
 TAIL = 10_000  # recent purges kept in memory for the streams
 TIERS = ("edge", "shield", "origin")  # the nodes that follow the log
+MAX_ACK_SEQS = 1000  # per request (a node's feed sends at most ACK_BATCH)
+
+
+def _node_credential(request: web.Request) -> NodeCredential:
+    cred: NodeCredential | None = request.get(NODE_KEY)
+    if cred is None:  # the node endpoints are always behind control.nodeauth
+        raise ApiError(UNAUTHENTICATED, "a node credential is required")
+    return cred
 
 
 def _row_to_purge(row: Any) -> Purge:
@@ -141,7 +162,12 @@ class Purges:
             if row is None:
                 raise ApiError(NOT_FOUND, "no such purge")
             active = (
-                await conn.execute(select(nodes).where(nodes.c.last_seen >= now - ACTIVE_SECONDS))
+                await conn.execute(
+                    select(nodes).where(
+                        nodes.c.last_seen >= now - ACTIVE_SECONDS,
+                        nodes.c.credential_id.is_not(None),  # authenticated nodes only
+                    )
+                )
             ).all()
             acked = {
                 r.node_id: r.applied_at
@@ -184,15 +210,60 @@ class Purges:
             ).all()
         return [_row_to_purge(r) for r in rows]
 
-    async def _seen(self, node: str, tier: str, now: float) -> None:
-        async with self._write, self.engine.begin() as conn:
-            res = await conn.execute(
-                update(nodes).where(nodes.c.id == node).values(last_seen=now, tier=tier)
+    async def _register(
+        self,
+        conn: AsyncConnection,
+        node: str,
+        tier: str,
+        cred: NodeCredential,
+        limits: NodeLimits,
+        now: float,
+        values: dict[str, Any],
+        applied: int = 0,
+    ) -> None:
+        """Mark `node` seen (with `values`), or insert it with `applied` as its applied seq,
+        registering it for `cred` if new; 403 if another
+        credential registered it. Registration sweeps expired nodes and keeps the credential
+        within its cap (module rules)."""
+        row = (await conn.execute(select(nodes.c.credential_id).where(nodes.c.id == node))).first()
+        if row is not None:
+            if row.credential_id is not None and row.credential_id != cred.id:
+                raise ApiError(FORBIDDEN, "this node id belongs to another node credential")
+            await conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node)
+                .values(last_seen=now, tier=tier, credential_id=cred.id, **values)
             )
-            if res.rowcount == 0:
+            return
+        expired = select(nodes.c.id).where(nodes.c.last_seen < now - limits.ttl_seconds)
+        await conn.execute(delete(purge_acks).where(purge_acks.c.node_id.in_(expired)))
+        await conn.execute(delete(nodes).where(nodes.c.last_seen < now - limits.ttl_seconds))
+        mine = (
+            (
                 await conn.execute(
-                    nodes.insert().values(id=node, tier=tier, applied_seq=0, last_seen=now)
+                    select(nodes.c.id)
+                    .where(nodes.c.credential_id == cred.id)
+                    .order_by(nodes.c.last_seen.desc())
                 )
+            )
+            .scalars()
+            .all()
+        )
+        drop = list(mine[limits.max_per_credential - 1 :])
+        if drop:
+            await conn.execute(delete(purge_acks).where(purge_acks.c.node_id.in_(drop)))
+            await conn.execute(delete(nodes).where(nodes.c.id.in_(drop)))
+        await conn.execute(
+            nodes.insert().values(
+                id=node, tier=tier, last_seen=now, credential_id=cred.id, applied_seq=applied
+            )
+        )  # fmt: skip
+
+    async def _seen(
+        self, node: str, tier: str, cred: NodeCredential, limits: NodeLimits, now: float
+    ) -> None:
+        async with self._write, self.engine.begin() as conn:
+            await self._register(conn, node, tier, cred, limits, now, {})
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         after_s = request.query.get("after", "0")
@@ -204,7 +275,9 @@ class Purges:
                 VALIDATION, "after (a number), node and tier (edge|shield|origin) required"
             )
         after = int(after_s)
-        await self._seen(node, tier, time.time())
+        cred = _node_credential(request)
+        limits = request.app.get(NODE_LIMITS_KEY) or NodeLimits()
+        await self._seen(node, tier, cred, limits, time.time())
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
         )
@@ -229,8 +302,10 @@ class Purges:
                 await resp.write(f"event: live\ndata: {after}\n\n".encode())
                 live = True
             if time.monotonic() - last_ping >= PING_SECONDS:
+                if not await still_valid(self.engine, cred.id):
+                    break  # the credential was revoked: this node is no longer heard
                 await resp.write(b": ping\n\n")
-                await self._seen(node, tier, time.time())
+                await self._seen(node, tier, cred, limits, time.time())
                 last_ping = time.monotonic()
             try:
                 await asyncio.wait_for(new.wait(), POLL_SECONDS)
@@ -239,6 +314,8 @@ class Purges:
         return resp
 
     async def acks(self, request: web.Request) -> web.Response:
+        cred = _node_credential(request)
+        limits = request.app.get(NODE_LIMITS_KEY) or NodeLimits()
         doc = decode_json(await request.read())
         if not isinstance(doc, dict):
             raise ApiError(VALIDATION, "the body must be a JSON object")
@@ -246,12 +323,27 @@ class Purges:
         if (
             not isinstance(node, str) or not node or len(node) > 80
             or tier not in TIERS
-            or not isinstance(seqs, list) or not seqs
+            or not isinstance(seqs, list) or not seqs or len(seqs) > MAX_ACK_SEQS
             or not all(type(s) is int and 0 < s < 2**62 for s in seqs)
         ):  # fmt: skip
-            raise ApiError(VALIDATION, "node, tier (edge|shield|origin) and seqs (positive ints)")
+            raise ApiError(
+                VALIDATION,
+                f"node, tier (edge|shield|origin) and seqs (1 to {MAX_ACK_SEQS} positive ints)",
+            )
+        assert isinstance(tier, str)
+        check_tier(cred, tier)
+        top = max(seqs)
         now = time.time()
         async with self._write, self.engine.begin() as conn:
+            last = (await conn.execute(select(func.max(purges.c.seq)))).scalar() or 0
+            if top > last:
+                raise ApiError(VALIDATION, f"seq {top} is beyond the purge log (last seq {last})")
+            applied = (
+                func.max(nodes.c.applied_seq, top)
+                if conn.dialect.name == "sqlite"
+                else func.greatest(nodes.c.applied_seq, top)
+            )
+            await self._register(conn, node, tier, cred, limits, now, {"applied_seq": applied}, top)
             known = set(
                 (
                     await conn.execute(select(purge_acks.c.seq).where(
@@ -264,21 +356,5 @@ class Purges:
                 await conn.execute(
                     purge_acks.insert(),
                     [{"seq": s, "node_id": node, "applied_at": now} for s in fresh],
-                )
-            top = max(seqs)
-            res = await conn.execute(
-                update(nodes)
-                .where(nodes.c.id == node)
-                .values(
-                    last_seen=now,
-                    tier=tier,
-                    applied_seq=func.max(nodes.c.applied_seq, top)
-                    if conn.dialect.name == "sqlite"
-                    else func.greatest(nodes.c.applied_seq, top),
-                )
-            )
-            if res.rowcount == 0:
-                await conn.execute(
-                    nodes.insert().values(id=node, tier=tier, applied_seq=top, last_seen=now)
                 )
         return web.json_response({"node": node, "appliedSeq": top})

@@ -4,9 +4,19 @@ With tokens (the default), `GET`/`HEAD /v/{videoId}/{token}/{version}/{file…}`
 1. the raw path is validated (`vodcore.paths.split_raw_path`; bad → 400 JSON);
 2. the token is verified against control's public keys for that video at the current time
    (`vodcore.tokens.verify`; any failure → 403 `bad_token`, before the cache is consulted, so
-   a refusal is never cached and a valid cached object never leaks to a bad token);
+   a refusal is never cached and a valid cached object never leaks to a bad token). A token
+   issued before its video's takedown is refused as the playback API refuses the video: 451
+   `blocked` or 410 `gone` when the edge saw the block or delete on the purge log (it knows
+   the reason), else 403 `bad_token` (a cutoff learnt from control's `/v1/cutoffs` at a
+   reconnect carries no reason);
 3. the cache key and the upstream path are the path without the token segment,
    `/v/{videoId}/{version}/{file…}`, so every viewer shares one cached object.
+
+On token-checked paths the player's `Cookie` and `Authorization` and every tier-to-tier field
+(`X-Purge-Seq`, `X-Vod-Tier-Auth`) are ignored: the token in the path is the only credential,
+so a valid player request is always cacheable, and no player can make a shield wait or skip
+its cache (issue 11). Upstream requests are signed when `tier_secret` is set
+(`vodcore.tierauth`).
 
 With `tokens=False` the edge is a plain caching reverse proxy (RFC 9111): cache key and upstream
 path are the request's raw path and query, after a traversal check; unsafe methods are
@@ -26,10 +36,12 @@ from aiohttp import web
 
 from edge.keys import KeyRing
 from edge.tokencache import VerifiedTokens
+from origin.takedowns import Takedowns
 from vodcore.cache import CacheEngine
-from vodcore.cache.purgefeed import follow_purges
+from vodcore.cache.engine import PLAYER_IGNORED_FIELDS
+from vodcore.cache.purgefeed import follow_purges, node_headers
 from vodcore.config import Settings
-from vodcore.errors import BAD_PATH, BAD_TOKEN, ApiError
+from vodcore.errors import BAD_PATH, BAD_TOKEN, BLOCKED, GONE, ApiError
 from vodcore.fastpath import FastPath
 from vodcore.purge import TAKEDOWNS, Purge
 from vodcore.server import FAST_PATH_KEY, base_app, media_segments
@@ -41,6 +53,7 @@ ENGINE_KEY: web.AppKey[CacheEngine] = web.AppKey("engine", CacheEngine)
 KEYS_KEY: web.AppKey[KeyRing] = web.AppKey("keys", KeyRing)
 TOKENS_KEY: web.AppKey[VerifiedTokens] = web.AppKey("verified_tokens", VerifiedTokens)
 CUTOFFS_KEY: web.AppKey[dict[str, float]] = web.AppKey("cutoffs", dict)
+TAKEDOWNS_KEY: web.AppKey[Takedowns] = web.AppKey("takedowns", Takedowns)
 
 
 def split_media_path(raw_path: str) -> tuple[str, str, str]:
@@ -80,6 +93,7 @@ def fast_proxy_key(target: str) -> str | None:
 # the cache key of a plain media path: /v/{videoId}/{version}/{file…}, nothing to decode
 _PLAIN_KEY = re.compile(r"^/v(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*){3,}$")
 PARSED_TARGETS = 65536  # URLs whose parse the fast path keeps
+MAX_FAST_TARGET = 4096  # longer targets (a real token is ~250 bytes) take the full path
 
 
 def fast_tokened_key(
@@ -95,20 +109,27 @@ def fast_tokened_key(
 
     # target -> (cache key, video, token): players ask for the same URLs again and again, so
     # the parse is done once per URL; the token's validity is still checked on every request.
+    # Only URLs whose token was verified are remembered (issue 11: junk tokens, all refused,
+    # used to fill this with 100 KB keys), and only plausible lengths.
     parsed: dict[str, tuple[str, str, str]] = {}
 
     def key_of(target: str) -> str | None:
         hit = parsed.get(target)
         if hit is None:
+            if len(target) > MAX_FAST_TARGET:
+                return None
             parts = target.partition("?")[0].split("/", 4)  # '', 'v', vid, token, rest
             if len(parts) != 5 or parts[1] != "v":
                 return None
+            if tokens.get(parts[3], parts[2], clock(), ring.keys, cutoffs) is None:
+                return None  # unknown token: the full path verifies (or refuses) it
             key = f"/v/{parts[2]}/{parts[4]}"
             if not _PLAIN_KEY.match(key):
                 return None
             if len(parsed) >= PARSED_TARGETS:
                 parsed.clear()
-            hit = parsed[target] = (key, parts[2], parts[3])
+            parsed[target] = (key, parts[2], parts[3])
+            return key
         key, vid, token = hit
         if tokens.get(token, vid, clock(), ring.keys, cutoffs) is None:
             return None
@@ -123,6 +144,8 @@ def track_cutoffs(
     cutoffs: dict[str, float],
     control: str,
     ring: KeyRing,
+    takedowns: Takedowns | None = None,
+    credential: str | None = None,
 ) -> None:
     """Keep the videos' token cutoffs: set by each `block` or `delete` entry of the purge log
     (before the video's cached objects are dropped; `unblock` and `restore` leave them), and
@@ -134,6 +157,8 @@ def track_cutoffs(
             # The signing key set changed: refetch it now. Until then a revoked kid's tokens
             # may still pass for the few ms the fetch takes.
             engine.spawn(ring.refresh(engine.session))
+        if takedowns is not None:
+            takedowns.apply(p)  # why a cutoff is there: 451 or 410 for old tokens
         if p.action in TAKEDOWNS and p.cutoff is not None:  # block, delete
             for vid in p.targets:
                 cutoffs[vid] = max(cutoffs.get(vid, 0.0), p.cutoff)
@@ -141,7 +166,9 @@ def track_cutoffs(
 
     async def reload(session: aiohttp.ClientSession) -> None:
         async with session.get(
-            f"{control}/v1/cutoffs", timeout=aiohttp.ClientTimeout(total=10)
+            f"{control}/v1/cutoffs",
+            timeout=aiohttp.ClientTimeout(total=10),
+            headers=node_headers(credential),
         ) as r:
             if r.status == 200:
                 for vid, cutoff in (await r.json()).items():
@@ -172,7 +199,14 @@ async def check_token(request: web.Request, vid: str, token: str) -> None:
         raise ApiError(BAD_TOKEN) from None
     cutoff = cutoffs.get(vid)
     if cutoff is not None and claims.issued_at < cutoff:
-        raise ApiError(BAD_TOKEN)  # issued before the video's takedown
+        # issued before the video's takedown: answer as the playback API does when the log
+        # said why (issue 11), else as a void token
+        refusal = request.app[TAKEDOWNS_KEY].refusal(vid)
+        if refusal == "blocked":
+            raise ApiError(BLOCKED, extra={"state": "BLOCKED"})
+        if refusal == "deleted":
+            raise ApiError(GONE, "the video was deleted", extra={"state": "DELETED"})
+        raise ApiError(BAD_TOKEN)
     verified.put(token, claims)
 
 
@@ -219,10 +253,18 @@ def make_app(
         cutoffs: dict[str, float] = {}
         app[CUTOFFS_KEY] = cutoffs
         app.router.add_get("/{tail:.*}", serve_tokened)
+        # a player's Cookie/Authorization and the tiers' own fields change nothing (issue 11)
+        engine.ignored_fields = PLAYER_IGNORED_FIELDS
         app[FAST_PATH_KEY] = FastPath(
-            engine, fast_tokened_key(verified, ring, cutoffs), access_log=True
+            engine,
+            fast_tokened_key(verified, ring, cutoffs),
+            access_log=True,
+            ignore=PLAYER_IGNORED_FIELDS,
         )
-        track_cutoffs(engine, verified, cutoffs, base, ring)
+        takedowns = app[TAKEDOWNS_KEY] = Takedowns()
+        track_cutoffs(
+            engine, verified, cutoffs, base, ring, takedowns, credential=settings.node_credential
+        )
     else:
         app.router.add_route("*", "/{tail:.*}", serve_proxy)
         app[FAST_PATH_KEY] = FastPath(engine, fast_proxy_key, access_log=True)

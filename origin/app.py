@@ -24,6 +24,10 @@ exact. Until then it fails open: it serves, and logs one warning, because an ori
 everything while control is unreachable would take the whole catalogue down, and the other
 guards hold meanwhile (the playback API refuses, edges refuse the videos' older tokens, and a
 deleted video's objects are no longer under `media/`). Without `control_url` it refuses nothing.
+
+Trust (issue 11): with `tier_secret` set the origin answers only requests its shields and edges
+signed (`vodcore.tierauth`; 403 JSON otherwise, `/healthz` and `/metrics` excepted). Without
+one it serves every object to anyone who reaches it: keep it on a private network.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from vodcore.sendfile import StaleStat, abort, open_for_range, send_file_range
 from vodcore.server import base_app, media_segments
 from vodcore.store import ObjectInfo, ObjectNotFound, ObjectStore
 from vodcore.store.factory import close_store, make_store
+from vodcore.tierauth import TierAuth
+from vodcore.tierguard import install as install_tier_guard
 
 TIER = "origin"
 log = logging.getLogger("vod.origin")
@@ -214,6 +220,8 @@ def make_app(
     under `settings.store_dir`, or S3 when `settings.s3_bucket` is set), closed on cleanup.
     With `control_url` it follows the purge log and refuses taken-down videos."""
     app = base_app(TIER)
+    if settings.tier_secret:
+        install_tier_guard(app, TierAuth(settings.tier_secret))
     app[STORE_KEY] = store if store is not None else make_store(settings)
     guard = app[GUARD_KEY] = Guard()
     if control_url:
@@ -223,8 +231,9 @@ def make_app(
             guard.apply(p)
 
         feed = guard.feed = PurgeFeed(
-            control_url, node, TIER, apply, state_path=None, ack_filter=is_takedown_entry
-        )
+            control_url, node, TIER, apply, state_path=None, ack_filter=is_takedown_entry,
+            credential=settings.node_credential,
+        )  # fmt: skip
 
         async def follow(_app: web.Application) -> AsyncIterator[None]:
             session = aiohttp.ClientSession()

@@ -31,6 +31,9 @@ def _settings(args: argparse.Namespace) -> config.Settings:
     tier = getattr(args, "tier", None)
     if port and tier:
         s = dataclasses.replace(s, ports={**s.ports, tier: port})
+    host = getattr(args, "host", None)
+    if host and tier:  # each tier binds its own address (issue 11)
+        s = dataclasses.replace(s, hosts={**s.hosts, tier: host})
     return s
 
 
@@ -68,7 +71,14 @@ def cmd_tier(args: argparse.Namespace) -> int:
         from control.app import make_app as control_app
 
         app = control_app(s)
-    run(app, s.host, s.port(tier), tier=tier, access_log=args.access_log == "on", settings=s)
+    run(
+        app,
+        s.bind_host(tier),
+        s.port(tier),
+        tier=tier,
+        access_log=args.access_log == "on",
+        settings=s,
+    )
     return 0
 
 
@@ -115,15 +125,25 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> bo
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    import secrets
+
+    from vodcore.nodes_cli import provision
+
     s = _settings(args)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     s.logs_dir.mkdir(parents=True, exist_ok=True)
     data = str(s.data_dir.resolve())
     base = [sys.executable, "-m", "vodcore.cli"]
     common = ["--data", data] + (["--config", args.config] if args.config else [])
+    # Its own tiers authenticate to control with a node credential kept in DATA (made once,
+    # reused while it is valid) and to each other with a tier secret (a fresh random one per
+    # run unless one is configured); everything binds 127.0.0.1 unless configured otherwise.
     env = {
         **os.environ,
         **{f"VOD_{t.upper()}_PORT": str(s.port(t)) for t in TIERS},
+        **{f"VOD_{t.upper()}_HOST": s.bind_host(t) for t in TIERS},
+        "VOD_NODE_CREDENTIAL": s.node_credential or provision(s),
+        "VOD_TIER_SECRET": s.tier_secret or secrets.token_urlsafe(32),
         "PYTHONUNBUFFERED": "1",
     }
     plan: list[tuple[str, list[str]]] = [
@@ -264,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         common(sp)
         sp.add_argument("--port", type=int, help="listen port")
         sp.add_argument(
+            "--host",
+            help=f"address to bind (default: [hosts] {tier} in the config, "
+            f"VOD_{tier.upper()}_HOST, else host = 127.0.0.1)",
+        )
+        sp.add_argument(
             "--access-log",
             choices=("on", "off"),
             default="on",
@@ -308,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vodcore.keys_cli import add_key_parsers
 
     add_key_parsers(ksub, common)
+
+    from vodcore.nodes_cli import add_nodes_parser
+
+    add_nodes_parser(sub, common)
 
     ri = sub.add_parser("reindex", help="rebuild the search index from the event log")
     common(ri)

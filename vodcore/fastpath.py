@@ -17,6 +17,14 @@ Rules (the fast path answers only when all hold, else aiohttp handles the bytes 
   fresh, and its key has no Vary variants.
 The response is what the full path would send for a HIT: the stored end-to-end fields plus
 Content-Length, Accept-Ranges, Age, Date and X-Cache. Metrics and the access log are kept.
+
+Beyond the allow-list, a tier names the fields it handles itself (`accept`; issue 11):
+- the token-checked edge accepts and ignores a player's Cookie, Authorization and the
+  tier-to-tier fields (the full path drops them too), so a player's cookie costs no cache hit;
+- a shield accepts what its edges send on a fill: Via, X-Purge-Seq (answered here only when
+  this node has applied that seq; else the full path waits for its feed) and, with a tier
+  secret, X-Vod-Tier-Auth, which is verified here (`vodcore.tierauth`, one HMAC): an unsigned
+  or badly signed request is never answered from the fast path (the full path refuses it).
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 from vodcore import metrics
 from vodcore.cache import policy
+from vodcore.tierauth import FIELD as TIER_AUTH_FIELD
+from vodcore.tierauth import TierAuth
+
+PURGE_SEQ_FIELD = "x-purge-seq"
 
 if TYPE_CHECKING:
     from vodcore.cache.engine import CacheEngine
@@ -55,19 +67,22 @@ ALLOWED_FIELDS = frozenset(
     }
 )
 HEADER_MEMO = 4096  # entries whose serialised header block is kept
+NO_FIELDS: frozenset[str] = frozenset()
 
 
 class Sniffed:
-    __slots__ = ("head", "target")
+    __slots__ = ("fields", "head", "target")
 
-    def __init__(self, target: str, head: bool) -> None:
+    def __init__(self, target: str, head: bool, fields: dict[str, str] | None = None) -> None:
         self.target = target
         self.head = head
+        self.fields = fields  # values of the `accept`ed fields present (None: none was)
 
 
-def sniff(data: bytes) -> Sniffed | None:
+def sniff(data: bytes, accept: frozenset[str] = NO_FIELDS) -> Sniffed | None:
     """`data` as one complete bodiless GET/HEAD request head that the fast path may answer,
-    or None (pure: no I/O)."""
+    or None (pure: no I/O). Fields in `accept` (lower-case) are allowed too, and their values
+    returned for the caller to judge."""
     end = data.find(b"\r\n\r\n")
     if end < 0 or end + 4 != len(data):
         return None  # partial, pipelined, or followed by a body
@@ -85,16 +100,23 @@ def sniff(data: bytes) -> Sniffed | None:
     parts = lines[0].split(" ")
     if len(parts) != 3 or parts[2] != "HTTP/1.1" or not parts[1].startswith("/"):
         return None
+    fields: dict[str, str] | None = None
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
             return None
         lname = name.lower()
         if lname not in ALLOWED_FIELDS:
+            if lname not in accept:
+                return None
+            if fields is None:
+                fields = {}
+            elif lname in fields:
+                return None  # repeated: the full path decides what that means
+            fields[lname] = value.strip()
+        elif lname == "connection" and value.strip().lower() != "keep-alive":
             return None
-        if lname == "connection" and value.strip().lower() != "keep-alive":
-            return None
-    return Sniffed(parts[1], is_head)
+    return Sniffed(parts[1], is_head, fields)
 
 
 class FastPath:
@@ -107,9 +129,23 @@ class FastPath:
         *,
         access_log: bool,
         clock: Callable[[], float] = time.time,
+        ignore: frozenset[str] = NO_FIELDS,
+        upstream_fields: bool = False,
+        tier_auth: TierAuth | None = None,
     ) -> None:
+        """`ignore`: fields accepted and ignored (the edge's player fields); `upstream_fields`:
+        accept what a downstream tier sends (Via, X-Purge-Seq); `tier_auth`: require and
+        verify the tier signature."""
         self.engine = engine
         self.key_of = key_of
+        self.ignore = ignore
+        self.tier_auth = tier_auth
+        accept = set(ignore)
+        if upstream_fields:
+            accept |= {"via", PURGE_SEQ_FIELD}
+        if tier_auth is not None:
+            accept.add(TIER_AUTH_FIELD)
+        self.accept = frozenset(accept)
         self.access_log = access_log
         self.clock = clock
         tier = engine.tier
@@ -123,6 +159,21 @@ class FastPath:
         self._date = b""
         self._stamp = ""
         self.served = 0
+
+    def _fields_allow(self, req: Sniffed) -> bool:
+        """The accepted fields' verdict: a valid tier signature when one is required, and the
+        purges the asking tier has applied applied here too."""
+        fields = req.fields or {}
+        if self.tier_auth is not None and not self.tier_auth.verify(
+            "HEAD" if req.head else "GET", req.target, fields.get(TIER_AUTH_FIELD), self.clock()
+        ):
+            return False
+        need = fields.get(PURGE_SEQ_FIELD)
+        if need is not None and PURGE_SEQ_FIELD not in self.ignore:
+            feed = self.engine.feed
+            if feed is not None and (not need.isdigit() or feed.applied < int(need)):
+                return False  # behind the asking tier: the full path waits for the feed
+        return True
 
     def _memory_entry(self, key: str) -> CachedResponse | None:
         storage: Any = self.engine.storage
@@ -151,9 +202,12 @@ class FastPath:
     def answer(self, data: bytes, write: Callable[[bytes], None], remote: str | None) -> bool:
         """Answer `data` by `write` if it is a fast-path hit; False leaves it to aiohttp."""
         t0 = time.perf_counter()
-        req = sniff(data)
+        req = sniff(data, self.accept)
         if req is None:
             return False
+        if req.fields is not None or self.tier_auth is not None:
+            if not self._fields_allow(req):
+                return False
         key = self.key_of(req.target)
         if key is None or key in self.engine._vary:
             return False

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from control.app import make_app as control_app
+from control import nodes_credentials
 from control.auth import create_key
 from edge.app import ENGINE_KEY
 from edge.app import make_app as edge_app
@@ -43,12 +44,16 @@ class World:
     upstream: Upstream
     tmp: Path
     runners: list[web.AppRunner]
+    credential: str = ""  # the nodes' credential (control's node endpoints)
 
     async def edge(
         self, name: str = "e", blind: float = 30.0, wait: bool = True
     ) -> tuple[str, web.Application, web.AppRunner]:
         settings = Settings(
-            data_dir=self.tmp / name, upstream_timeout_seconds=3, purge_blind_seconds=blind
+            data_dir=self.tmp / name,
+            upstream_timeout_seconds=3,
+            purge_blind_seconds=blind,
+            node_credential=self.credential,
         )
         app = edge_app(settings, [self.upstream.url], tokens=False, control_url=self.control)
         runner = await start_server(app, "127.0.0.1", 0, access_log=False)
@@ -73,6 +78,7 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
     async with db.begin() as conn:
         operator = await create_key(conn, "operator", 0.0)
         creator = await create_key(conn, "creator", 0.0)
+        _cred, credential = await nodes_credentials.create(conn, "any", 0.0, "tests")
         await conn.execute(
             videos.insert().values(
                 id=VID, title="t", description="", visibility="public", state="READY",
@@ -87,7 +93,10 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
             f"seg{i}".encode(), "public, max-age=31536000, immutable", **{"Surrogate-Key": VID}
         )
     up.routes["/v/other/1/seg.m4s"] = fixed(b"other", "public, max-age=3600")
-    w = World(f"http://127.0.0.1:{ctl.addresses[0][1]}", operator, creator, up, tmp_path, [ctl])
+    w = World(
+        f"http://127.0.0.1:{ctl.addresses[0][1]}", operator, creator, up, tmp_path, [ctl],
+        credential,
+    )  # fmt: skip
     yield w
     for r in reversed(w.runners):
         await r.cleanup()
@@ -199,7 +208,8 @@ async def test_a_stream_after_beyond_32_bits_is_not_an_error(world: World) -> No
     a process whose in-memory tail is empty (nothing purged since it started) asks the
     database, and an `after` the column cannot hold broke the stream after its headers."""
     url = f"{world.control}/v1/purges/stream?after={2**40}&node=big-after&tier=edge"
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
+    headers = {"Authorization": f"Bearer {world.credential}"}
+    async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
         assert r.status in (200, 422), r.status
         if r.status == 200:  # nothing after it: the stream says it is live
             try:
@@ -282,13 +292,17 @@ async def test_an_edge_never_gets_pre_purge_bytes_back_from_a_lagging_shield(
 ) -> None:
     """The shield follows a control it cannot reach, so it never applies the purge; the edge
     applied it and says so (X-Purge-Seq): the shield must not answer from its cache."""
-    shield_settings = Settings(data_dir=world.tmp / "shield", upstream_timeout_seconds=3)
+    shield_settings = Settings(
+        data_dir=world.tmp / "shield", upstream_timeout_seconds=3, node_credential=world.credential
+    )
     shield = shield_app(shield_settings, [world.upstream.url], control_url="http://127.0.0.1:9")
     shield[SHIELD_ENGINE].purge_wait_seconds = 0.2
     sr = await start_server(shield, "127.0.0.1", 0, access_log=False)
     world.runners.append(sr)
     shield_url = f"http://127.0.0.1:{sr.addresses[0][1]}"
-    settings = Settings(data_dir=world.tmp / "edge", upstream_timeout_seconds=3)
+    settings = Settings(
+        data_dir=world.tmp / "edge", upstream_timeout_seconds=3, node_credential=world.credential
+    )
     edge = edge_app(settings, [shield_url], tokens=False, control_url=world.control)
     er = await start_server(edge, "127.0.0.1", 0, access_log=False)
     world.runners.append(er)
@@ -307,7 +321,9 @@ async def test_an_edge_never_gets_pre_purge_bytes_back_from_a_lagging_shield(
 
 
 async def tokened_edge(w: World, name: str) -> str:
-    settings = Settings(data_dir=w.tmp / name, upstream_timeout_seconds=3)
+    settings = Settings(
+        data_dir=w.tmp / name, upstream_timeout_seconds=3, node_credential=w.credential
+    )
     app = edge_app(settings, [w.upstream.url], tokens=True, control_url=w.control)
     runner = await start_server(app, "127.0.0.1", 0, access_log=False)
     w.runners.append(runner)
@@ -348,10 +364,13 @@ async def test_block_voids_existing_tokens_everywhere_and_unblock_needs_new_ones
     code, doc = await operator_post(world, f"/v1/videos/{VID}/block", {"reason": "DMCA #1"})
     assert code == 200 and doc["state"] == "BLOCKED"
     await wait_complete(world, doc["purgeId"])
-    assert (await fetch(seg))[0] == 403  # the old token, on the fast path's old favourite
+    # the old token, on the fast path's old favourite: refused as the playback API refuses
+    # the video (issue 11: the edge saw the block on the log, so it knows why)
+    assert (await fetch(seg))[0] == 451
     assert (await playback_token(world))[0] == 451
     code, doc = await operator_post(world, f"/v1/videos/{VID}/unblock", {})
     assert code == 200 and doc["state"] == "READY"
+    await wait_complete(world, doc["purgeId"])
     assert (await fetch(seg))[0] == 403  # still void: issued before the takedown
     status_, fresh = await playback_token(world)
     assert status_ == 200 and fresh and fresh != token

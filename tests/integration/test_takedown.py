@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from control.app import make_app as control_app
+from control import nodes_credentials
 from control.auth import create_key, hash_key
 from edge.app import make_app as edge_app
 from origin.app import GUARD_KEY
@@ -100,6 +101,7 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
     async with db.begin() as conn:
         operator = await create_key(conn, "operator", 0.0)
         creator = await create_key(conn, "creator", 0.0)
+        _cred, credential = await nodes_credentials.create(conn, "any", 0.0, "tests")
         await conn.execute(
             videos.insert().values(
                 id=VID, title="t", description="", visibility="public", state="READY",
@@ -107,6 +109,7 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
             )
         )  # fmt: skip
     await db.dispose()
+    settings = replace(settings, node_credential=credential)
     store = make_store(settings)
     for name, data in MEDIA.items():
         await store.put_bytes(f"media/{VID}/{name}", data)
@@ -117,7 +120,9 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
     runners.append(await start_server(oapp, "127.0.0.1", 0, access_log=False))
     origin = await _url(runners[1])
     eapp = edge_app(
-        Settings(data_dir=tmp_path / "edge", upstream_timeout_seconds=3),
+        Settings(
+            data_dir=tmp_path / "edge", upstream_timeout_seconds=3, node_credential=credential
+        ),
         [origin],
         tokens=True,
         control_url=control,
@@ -162,7 +167,8 @@ async def test_delete_and_restore(world: World) -> None:
     assert (await w.token())[0] == 410
     status, body, _h = await w.get(f"{w.control}/v1/videos/{VID}")
     assert status == 410 and b'"gone"' in body
-    assert (await w.get(seg))[0] == 403  # the token handed out before the delete
+    status, body, _h = await w.get(seg)  # the token handed out before the delete
+    assert status == 410 and b'"gone"' in body  # as the playback API says (issue 11)
     status, body, headers = await w.get(f"{w.origin}/v/{VID}/1/seg-0.m4s")  # direct fetch
     assert status == 410 and b'"gone"' in body and headers["Cache-Control"] == "no-store"
     assert await w.store.list(f"media/{VID}/") == []

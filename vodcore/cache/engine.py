@@ -64,6 +64,8 @@ from vodcore.config import Settings
 from vodcore.errors import RANGE_NOT_SATISFIABLE, UPSTREAM_FAILED, UPSTREAM_TIMEOUT, ApiError
 from vodcore.purge import Purge, covers
 from vodcore.sendfile import StaleStat, open_for_range, send_file_range
+from vodcore.tierauth import FIELD as TIER_AUTH_FIELD
+from vodcore.tierauth import TierAuth
 
 log = logging.getLogger("vod.cache")
 
@@ -119,7 +121,14 @@ NOT_FORWARDED_ON_FILL = HOP_BY_HOP | {
     "cache-control",
     "pragma",
     "x-purge-seq",  # replaced by this node's own (see _fill_request_headers)
+    TIER_AUTH_FIELD,  # each tier signs its own upstream requests (vodcore.tierauth)
 }
+# Request fields a token-checked edge ignores on media paths (issue 11): a player's Cookie or
+# Authorization must not make a valid request uncacheable (the token in the path is the only
+# credential), and tier-to-tier fields (X-Purge-Seq, the tier signature) are honoured only
+# from the tiers, never from a player. They are dropped before the cache decides anything, so
+# they reach no upstream either.
+PLAYER_IGNORED_FIELDS = frozenset({"authorization", "cookie", "x-purge-seq", TIER_AUTH_FIELD})
 RETRY_STATUSES = frozenset({502, 503, 504})
 PURGE_SEQ = "x-purge-seq"  # request field: the purge seq the asking tier has applied
 FULL = conditional.Selection(conditional.Outcome.FULL)
@@ -193,8 +202,12 @@ class CacheEngine:
         max_object_bytes: int,
         default_ttl: float | None = None,
         clock: Callable[[], float] = time.time,
+        tier_auth: TierAuth | None = None,
     ) -> None:
         self.tier = tier
+        self.tier_auth = tier_auth  # signs every upstream request (vodcore.tierauth)
+        # request fields dropped before anything else (the token-checked edge: PLAYER_IGNORED_…)
+        self.ignored_fields: frozenset[str] = frozenset()
         self.pool = pool
         self.storage = storage
         self.timeout_seconds = timeout_seconds
@@ -244,6 +257,7 @@ class CacheEngine:
             storage,
             timeout_seconds=settings.upstream_timeout_seconds,
             max_object_bytes=settings.max_object_bytes,
+            tier_auth=TierAuth(settings.tier_secret) if settings.tier_secret else None,
         )
 
     # Lifecycle -----------------------------------------------------------------------------
@@ -300,11 +314,14 @@ class CacheEngine:
         """Answer a GET or HEAD for primary cache key `key`, filling from `upstream_path`."""
         # The hit path reads the (case-insensitive) request headers as they are; the folded
         # copy a fill forwards and compares for Vary is made only on the way upstream.
-        req = request.headers
+        req: Mapping[str, str] = request.headers
+        ignored = self.ignored_fields
+        if ignored and any(k.lower() in ignored for k in req):
+            req = CIMultiDict((k, v) for k, v in req.items() if k.lower() not in ignored)
         now = self.clock()
         if "Authorization" in req or "Cookie" in req or self._too_large.get(key, 0) > now:
             self._count("pass")
-            return await self._pass_through(request, upstream_path, key)
+            return await self._pass_through(request, upstream_path, key, req)
 
         need = req.get(PURGE_SEQ)
         if need is not None and self.feed is not None and need.isdigit():
@@ -312,7 +329,7 @@ class CacheEngine:
                 # Still behind the purges the asking tier has applied: do not answer from
                 # this cache (it may hold what they removed); go upstream for this one.
                 self._count("pass")
-                return await self._pass_through(request, upstream_path, key)
+                return await self._pass_through(request, upstream_path, key, req)
 
         feed = self.feed
         own = False  # True: this request must fetch for itself (an unshareable response)
@@ -367,7 +384,7 @@ class CacheEngine:
                 raise _upstream_error(e) from None
             if job.too_large:
                 self._count("pass")
-                return await self._pass_through(request, upstream_path, key)
+                return await self._pass_through(request, upstream_path, key, req)
             if job.updated is not None:  # 304: the stored response is fresh again
                 self._count("revalidated")
                 age = policy.current_age(job.updated.age, self.clock())
@@ -658,6 +675,11 @@ class CacheEngine:
                 await stack.enter_async_context(self.pool.slot(up))
                 request_time = self.clock()
                 t0 = time.perf_counter()
+                if self.tier_auth is not None:  # shields and origins answer only their tiers
+                    headers = {
+                        **headers,
+                        TIER_AUTH_FIELD: self.tier_auth.sign(method, path, time.time()),
+                    }
                 try:
                     resp = await self.session.request(
                         method,
@@ -871,11 +893,13 @@ class CacheEngine:
         await resp.write_eof()
         return resp
 
-    async def _pass_through(self, request: web.Request, path: str, key: str) -> web.StreamResponse:
-        """Stream a response that is not cached, forwarding the client's request as it is."""
-        headers = {
-            k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}
-        }
+    async def _pass_through(
+        self, request: web.Request, path: str, key: str, req: Mapping[str, str] | None = None
+    ) -> web.StreamResponse:
+        """Stream a response that is not cached, forwarding the client's request as it is
+        (`req`: its fields, minus the ignored ones)."""
+        drop = HOP_BY_HOP | {"host", TIER_AUTH_FIELD}
+        headers = {k: v for k, v in (req or request.headers).items() if k.lower() not in drop}
         headers["Via"] = self._via
         method = request.method
         body: AsyncIterator[bytes] | None = None

@@ -15,6 +15,10 @@ Rules:
 - control marks the end of the backlog with a `live` event; from the first one on, `caught_up`
   is True: everything logged before the node connected has been applied;
 - reconnects back off from 0.2 s to 5 s;
+- every call to control carries the node credential (`Authorization: Bearer vodn_…`, setting
+  `node_credential`): control answers the stream and the acks only to authenticated nodes
+  (issue 11); a refusal (401/403) is logged and retried like any other failure;
+- an ack request carries at most `ACK_BATCH` seqs (control refuses bigger ones);
 - a node that has not heard from control (a purge, a `live` or a keep-alive ping) for longer
   than `blind_after` seconds is *blind*: it cannot know what was purged meanwhile, so its
   cache revalidates every stored response with the upstream instead of serving it blindly
@@ -44,6 +48,12 @@ if TYPE_CHECKING:
     from vodcore.config import Settings
 
 log = logging.getLogger("vod.purge")
+ACK_BATCH = 500  # seqs per ack request (control takes at most 1000)
+
+
+def node_headers(credential: str | None) -> dict[str, str]:
+    """The headers a node sends on control's node endpoints."""
+    return {"Authorization": f"Bearer {credential}"} if credential else {}
 
 
 class Resync(Exception):
@@ -61,10 +71,12 @@ class PurgeFeed:
         blind_after: float = 30.0,
         *,
         ack_filter: Callable[[Purge], bool] | None = None,
+        credential: str | None = None,
     ) -> None:
         self.control = control_url.rstrip("/")
         self.node_id = node_id
         self.tier = tier
+        self.headers = node_headers(credential)
         self.apply = apply
         self.state_path = state_path
         self.applied = self._load()
@@ -146,9 +158,11 @@ class PurgeFeed:
         while True:
             await self._ack_wake.wait()
             self._ack_wake.clear()
-            picked, self._unacked = self._unacked, []
+            picked, self._unacked = self._unacked[:ACK_BATCH], self._unacked[ACK_BATCH:]
+            if self._unacked:
+                self._ack_wake.set()  # more to send after this batch
             top = self.applied  # filtered-out purges are acknowledged by the highest seq
-            behind = top > self._acked and (not picked or picked[-1] < top)
+            behind = top > self._acked and (not picked or picked[-1] < top) and not self._unacked
             seqs = [*picked, top] if behind else picked
             if not seqs:
                 continue
@@ -187,7 +201,7 @@ class PurgeFeed:
             f"&node={self.node_id}&tier={self.tier}"
         )
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-        async with session.get(url, timeout=timeout) as resp:
+        async with session.get(url, timeout=timeout, headers=self.headers) as resp:
             if resp.status != 200:
                 raise Resync(f"control answered {resp.status}")
             if self.on_connect is not None:
@@ -250,8 +264,14 @@ class PurgeFeed:
                 f"{self.control}/v1/purges/acks",
                 json={"node": self.node_id, "tier": self.tier, "seqs": seqs},
                 timeout=aiohttp.ClientTimeout(total=5),
+                headers=self.headers,
             ) as r:
                 await r.read()
+                if r.status in (401, 403):
+                    log.warning(
+                        "%s: control refused the node credential (%d) for acks", self.node_id,
+                        r.status,
+                    )  # fmt: skip
                 return r.status < 300
         except (aiohttp.ClientError, TimeoutError):
             log.warning("%s: could not acknowledge purges up to %d", self.node_id, seqs[-1])
@@ -264,4 +284,5 @@ def follow_purges(engine: CacheEngine, settings: Settings, tier: str, control_ur
     node = f"{tier}@{settings.host}:{settings.port(tier)}/{os.getpid()}"
     state = settings.data_dir / "cache" / f"{tier}-{settings.port(tier)}.purge-seq"
     feed = engine.follow_purges(control_url, node, state)
+    feed.headers = node_headers(settings.node_credential)
     feed.blind_after = settings.purge_blind_seconds
