@@ -15,6 +15,7 @@ from transcoder.limits import (
     Limits,
     MiB,
     check_limits,
+    check_picture,
     encode_timeout_seconds,
     format_bytes,
     format_duration,
@@ -170,3 +171,12 @@ def test_encode_timeout_follows_the_real_work() -> None:
     assert encode_timeout_seconds(unknown, Limits(max_duration_seconds=600)) == (
         ENCODE_BASE_SECONDS + ENCODE_SECONDS_PER_MEDIA_SECOND * 600
     )
+
+
+def test_check_picture_alone_names_the_limit() -> None:
+    with pytest.raises(Unplayable) as e:
+        check_picture(100000, 100000)
+    assert str(e.value) == (
+        "the picture is 100000x100000 pixels; the limit is 8192 pixels on its longest side"
+    )
+    check_picture(1920, 1080)  # fine

@@ -10,11 +10,13 @@ import pytest
 
 from transcoder.probe import (
     HEAD_PACKETS,
+    REFUSED_FORMAT,
     TAIL_BACKOFF_SECONDS,
     TAIL_WINDOW_SECONDS,
     PacketLog,
     Unplayable,
     intervals_vary,
+    invalid_picture_size,
     judge_tail,
     parse_report,
     pixel_format,
@@ -258,3 +260,44 @@ def test_tail_seek_and_judgement() -> None:
     seek = tail_seek(100.0)
     assert judge_tail(0.0, seek, Fraction(int(seek + window))) is None
     assert judge_tail(0.0, seek, Fraction(int(seek + window - 2))) == seek + window - 2
+
+
+# refused inputs (issue 11): the whitelists' refusals and sizes past ffmpeg's own limit -------
+
+WHITELIST_REFUSAL = """\
+[in#0 @ 0x55942273c200] Format not on whitelist 'mov,matroska,avi'
+[in#0 @ 0x55942273be80] Error opening input: Invalid argument
+Error opening input file original.
+Error opening input files: Invalid argument
+"""
+
+HUGE_Y4M = """\
+[IMGUTILS @ 0x7ffeb7a04640] Picture size 100000x100000 is invalid
+[in#0 @ 0x563abdfa6d00] Error opening input: Device or resource busy
+Error opening input file big.y4m.
+Error opening input files: Device or resource busy
+"""
+
+
+def test_a_refused_format_is_said_in_words() -> None:
+    with pytest.raises(Unplayable) as e:
+        parse_report(WHITELIST_REFUSAL)
+    assert str(e.value) == REFUSED_FORMAT
+    assert "Invalid argument" not in str(e.value)
+
+
+def test_a_picture_ffmpeg_cannot_allocate_is_named() -> None:
+    assert invalid_picture_size(HUGE_Y4M) == (100000, 100000)
+    assert invalid_picture_size(WHITELIST_REFUSAL) is None
+    with pytest.raises(Unplayable, match=r"^the picture is 100000x100000 pixels"):
+        parse_report(HUGE_Y4M)
+
+
+def test_a_six_digit_side_is_still_a_size() -> None:
+    report = (
+        "Input #0, matroska,webm, from 'wide.mkv':\n"
+        "  Duration: 00:00:01.00, start: 0.000000, bitrate: 1 kb/s\n"
+        "  Stream #0:0: Video: ffv1, yuv420p, 100000x16, 30 fps, 30 tbr, 1k tbn\n"
+    )
+    info = parse_report(report)
+    assert (info.width, info.height) == (100000, 16)
