@@ -96,32 +96,40 @@ PARSED_TARGETS = 65536  # URLs whose parse the fast path keeps
 MAX_FAST_TARGET = 4096  # longer targets (a real token is ~250 bytes) take the full path
 
 
-def fast_tokened_key(
-    tokens: VerifiedTokens,
-    ring: KeyRing,
-    cutoffs: dict[str, float],
-    clock: Callable[[], float] = time.time,
-) -> Callable[[str], str | None]:
+class FastTokenedKeys:
     """Cache keys for the fast path of the token-checked edge: only a plain media path whose
     token was verified before and is still good (VerifiedTokens' rules); anything else goes
     the full way, which verifies (and refuses) as usual. The token is looked up before any
     pattern is matched: it is the long part of the path, and an unknown one ends it at once."""
 
-    # target -> (cache key, video, token): players ask for the same URLs again and again, so
-    # the parse is done once per URL; the token's validity is still checked on every request.
-    # Only URLs whose token was verified are remembered (issue 11: junk tokens, all refused,
-    # used to fill this with 100 KB keys), and only plausible lengths.
-    parsed: dict[str, tuple[str, str, str]] = {}
+    def __init__(
+        self,
+        tokens: VerifiedTokens,
+        ring: KeyRing,
+        cutoffs: dict[str, float],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tokens = tokens
+        self.ring = ring
+        self.cutoffs = cutoffs
+        self.clock = clock
+        # target -> (cache key, video, token): players ask for the same URLs again and again,
+        # so the parse is done once per URL; the token's validity is still checked on every
+        # request. Only URLs whose token was verified are remembered (issue 11: junk tokens,
+        # all refused, used to fill this with 100 KB keys), and only plausible lengths.
+        self.parsed: dict[str, tuple[str, str, str]] = {}
 
-    def key_of(target: str) -> str | None:
+    def __call__(self, target: str) -> str | None:
+        parsed = self.parsed
         hit = parsed.get(target)
+        tokens = self.tokens
         if hit is None:
             if len(target) > MAX_FAST_TARGET:
                 return None
             parts = target.partition("?")[0].split("/", 4)  # '', 'v', vid, token, rest
             if len(parts) != 5 or parts[1] != "v":
                 return None
-            if tokens.get(parts[3], parts[2], clock(), ring.keys, cutoffs) is None:
+            if tokens.get(parts[3], parts[2], self.clock(), self.ring.keys, self.cutoffs) is None:
                 return None  # unknown token: the full path verifies (or refuses) it
             key = f"/v/{parts[2]}/{parts[4]}"
             if not _PLAIN_KEY.match(key):
@@ -131,11 +139,9 @@ def fast_tokened_key(
             parsed[target] = (key, parts[2], parts[3])
             return key
         key, vid, token = hit
-        if tokens.get(token, vid, clock(), ring.keys, cutoffs) is None:
+        if tokens.get(token, vid, self.clock(), self.ring.keys, self.cutoffs) is None:
             return None
         return key
-
-    return key_of
 
 
 def track_cutoffs(
@@ -257,7 +263,7 @@ def make_app(
         engine.ignored_fields = PLAYER_IGNORED_FIELDS
         app[FAST_PATH_KEY] = FastPath(
             engine,
-            fast_tokened_key(verified, ring, cutoffs),
+            FastTokenedKeys(verified, ring, cutoffs),
             access_log=True,
             ignore=PLAYER_IGNORED_FIELDS,
         )
