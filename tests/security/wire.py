@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from control.app import make_app as control_app
 from control.auth import create_key
 from edge.app import make_app as edge_app
-from tests.integration.test_cache_engine import _start_upstream, fixed
+from tests.integration.test_cache_engine import fixed
 from vodcore.config import Settings
 from vodcore.connlimits import ServerLimits
 from vodcore.db.engine import create_schema, make_engine
+from vodcore.errors import NOT_FOUND, ApiError, error_response
 from vodcore.server import start_server
 
 BIG = bytes(range(256)) * 4096 * 8  # 8 MiB: a response far larger than socket buffers
@@ -48,6 +50,21 @@ async def _control_keys(settings: Settings) -> dict[str, str]:
         await engine.dispose()
 
 
+async def _origin() -> TestServer:
+    """An origin with two objects; anything else is the catalogue's 404, as ours answers."""
+    objects = {"/v/big/1/seg.m4s": fixed(BIG), "/v/small/1/seg.m4s": fixed(b"x" * 1024)}
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        found = objects.get(request.path)
+        return await found(request) if found else error_response(ApiError(NOT_FOUND))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
 @contextlib.asynccontextmanager
 async def serve(tier: str, tmp_path: Path, limits: ServerLimits) -> AsyncIterator[Live]:
     """An edge (fast path on, tokens off, one 8 MiB and one 1 KiB object at its origin) or a
@@ -55,11 +72,10 @@ async def serve(tier: str, tmp_path: Path, limits: ServerLimits) -> AsyncIterato
     upstream = None
     keys: dict[str, str] = {}
     if tier == "edge":
-        upstream = await _start_upstream()
-        upstream.routes["/v/big/1/seg.m4s"] = fixed(BIG)
-        upstream.routes["/v/small/1/seg.m4s"] = fixed(b"x" * 1024)
+        upstream = await _origin()
         settings = Settings(data_dir=tmp_path / "edge", upstream_timeout_seconds=3)
-        app: web.Application = edge_app(settings, [upstream.url], tokens=False)
+        url = str(upstream.make_url("")).rstrip("/")
+        app: web.Application = edge_app(settings, [url], tokens=False)
     else:
         settings = Settings(
             data_dir=tmp_path / "control",
@@ -74,8 +90,8 @@ async def serve(tier: str, tmp_path: Path, limits: ServerLimits) -> AsyncIterato
         yield Live(tier, runner.addresses[0][1], keys)
     finally:
         await runner.cleanup()
-        if upstream is not None and upstream.server is not None:
-            await upstream.server.close()
+        if upstream is not None:
+            await upstream.close()
 
 
 async def open_from(
