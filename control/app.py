@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from control.apikeys import ApiKeys
 from control.auth import authenticate
 from control.cors import install as install_cors
 from control.engagement import ENGAGEMENT_KEY, Engagement
@@ -22,6 +23,7 @@ from control.multipart import complete_request
 from control.negcache import NegativeCache
 from control.nodeauth import install as install_node_auth
 from control.openapi import OpenApi
+from control.playback_sessions import SessionSigner
 from control.purges import Purges
 from control.ratelimit import RateLimitConfig
 from control.ratelimit import install as install_rate_limits
@@ -35,7 +37,7 @@ from control.videos import Videos
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.errors import NOT_FOUND, ApiError
-from vodcore.server import base_app
+from vodcore.server import base_app, fast_path_may_skip
 from vodcore.store.factory import close_store, make_store
 from vodcore.tokens import SigningKeys
 
@@ -54,7 +56,12 @@ def make_app(settings: Settings) -> web.Application:
     app = base_app("control", ready=lambda: ready["db"])
     install_rate_limits(app, RateLimitConfig.from_settings(settings))
     install_cors(app, settings.cors_origins)  # preflights are answered before rate limits
+    guarded = len(app.middlewares)
     install_node_auth(app, engine, settings)  # purge stream, acks, cutoffs: nodes only
+    for mw in app.middlewares[guarded:]:
+        # It acts on the node paths only, which the playback fast path (`GET …/playback`,
+        # `control.videos.PlaybackFastPath`) never answers: without this the fast path is off.
+        fast_path_may_skip(mw)
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await create_schema(engine)
@@ -108,17 +115,24 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/uploads/{sid}/complete", complete_upload)
     TusEndpoint(uploads).routes(app)
     negative = NegativeCache()  # shared: moderation forgets what it changes
-    Videos(settings, engine, keys, negative).routes(app)
+    sessions = SessionSigner.load_or_create(settings.keys_dir)  # playback issues, ingest checks
+    purges = Purges(engine)  # the log: moderation, signing and a restricting PATCH append
+    videos = Videos(settings, engine, keys, negative, sessions=sessions, purges=purges)
+    videos.routes(app)
     Search(engine).routes(app)
     OpenApi(settings.max_upload_bytes).routes(app)
     engagement = Engagement(
-        engine, redis_url=settings.redis_url, min_watch_seconds=settings.min_watch_seconds
+        engine,
+        redis_url=settings.redis_url,
+        min_watch_seconds=settings.min_watch_seconds,
+        signer=sessions,
+        meta=videos.meta,
     )
     engagement.routes(app)
     app[ENGAGEMENT_KEY] = engagement
     app.cleanup_ctx.append(engagement.background)  # after `lifecycle`: the schema exists
-    purges = Purges(engine)
     purges.routes(app)
     Moderation(purges, store, negative).routes(app)
     Signing(purges, keys).routes(app)
+    ApiKeys(engine).routes(app)  # /v1/api-keys: list and revoke (not the signing keys)
     return app

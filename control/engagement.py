@@ -2,15 +2,22 @@
 
 Playback events (`POST /v1/playback-events`, no API key: players are anonymous)
 - The body is one event or `{"events": [...]}` (1..`MAX_BATCH` events, at most
-  `MAX_BODY_BYTES`). An event is exactly `{eventId, videoId, sessionId, eventType,
-  positionSeconds, occurredAt}`: ids are 1..128 of `[A-Za-z0-9._:-]` (videoId a video id),
+  `MAX_BODY_BYTES`). An event is `{eventId?, videoId, sessionId, eventType,
+  positionSeconds, occurredAt}`: ids are 1..128 of `[A-Za-z0-9._:-]` (videoId a video id;
+  without an `eventId`, as in the seed's example, one is made of the event's fields),
   `eventType` one of `EVENT_TYPES`, `positionSeconds` a finite number in 0..`MAX_POSITION`,
   `occurredAt` ISO 8601 (UTC unless it says otherwise) or epoch seconds (a value above 1e11 is
   read as milliseconds). Unknown fields, wrong types, malformed JSON, too many events or a too
   large body are a 4xx JSON error, and the whole batch is validated before anything is
-  appended: a request appends all of its events or none. A repeated `eventId` within a batch
-  is kept once.
-- The handler only appends and answers 202 `{accepted: n}`: the accepted events, encoded once
+  appended. A repeated `eventId` within a batch is kept once.
+- Sessions (issue 11 finding 6, `control.playback_sessions`): an event counts only with a
+  `sessionId` the playback API issued for its `videoId` (signed, checked without a database
+  read), within the per-session event cap and the per-IP session cap. Other events are
+  answered but not stored: 202 `{accepted, rejected}` says how many went each way (a
+  client-made id such as the seed's `ps_44` is rejected, never a view). The aggregator counts
+  views only for videos that are READY when it applies them.
+- The handler only appends and answers 202 `{accepted: n, rejected: m}`: the accepted events,
+  encoded once
   (`encode_batch`), are one append per request whatever their number. Embedded (no Redis URL):
   one row of `playback_batches`, the rows of the requests in flight together written by one
   INSERT and commit (`GroupAppender`). At scale (a Redis URL): one `XADD` to the stream `STREAM`
@@ -59,7 +66,10 @@ surrounding whitespace, unicode kept as sent, no NUL) → 201; `GET /v1/videos/{
 or limit is 400); `DELETE /v1/videos/{id}/comments/{commentId}` by its author or an operator
 (403 otherwise, 404 unknown) → 204.
 
-Likes and comments answer 404 for an unknown video, 451 blocked, 410 deleted.
+Likes and comments see a video exactly as `GET /v1/videos/{id}` does (`control.visibility`,
+the same function): 404 unknown, 451 blocked, 410 deleted, and a private video is 404 to
+anyone but its owner or an operator (so nobody else can like, comment on, or read the comments
+of one); unlisted videos are open to anyone with the id, as their resource is.
 `counters(conn, video_id)` is what a video resource shows as viewCount/likeCount.
 """
 
@@ -93,9 +103,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from control.auth import authenticate
+from control.auth import Principal, authenticate
 from control.ids import is_id, new_id
+from control.metacache import METACACHE_KEY, MetaCache, database_loader
+from control.playback_sessions import SessionGate, SessionSigner
 from control.validation import decode_json
+from control.visibility import Loader, visible_video
 from vodcore.db.consumers import IdleBackoff, consumer_offsets, get_offset
 from vodcore.db.engagement_schema import (
     MAX_ID_CHARS,
@@ -122,7 +135,14 @@ from vodcore.lifecycle import State
 
 log = logging.getLogger("vod.engagement")
 
-EVENT_TYPES = frozenset({"start", "play", "heartbeat", "pause", "seek", "end"})
+# the seed's names (`play_started`…) beside the short ones: a player written against the
+# seed's example sends those
+EVENT_TYPES = frozenset(
+    {
+        *("start", "play", "heartbeat", "pause", "seek", "end"),
+        *("play_started", "playing", "paused", "seeked", "ended", "stopped"),
+    }
+)
 EVENT_FIELDS = frozenset(
     {"eventId", "videoId", "sessionId", "eventType", "positionSeconds", "occurredAt"}
 )
@@ -240,14 +260,19 @@ def parse_event(doc: Any, where: str = "") -> PlaybackEvent:
         raise ApiError(VALIDATION, f"{where or 'the event'} must be a JSON object")
     if not doc.keys() <= EVENT_FIELDS:
         raise _invalid(f"{where}{sorted(set(doc) - EVENT_FIELDS)[0]}", "is not a known field")
-    event_id = _event_id(doc, "eventId", where)
+    event_id = _event_id(doc, "eventId", where) if "eventId" in doc else None
     video_id = _video_id(doc, where)
     session_id = _event_id(doc, "sessionId", where)
     etype = doc.get("eventType")
     if not isinstance(etype, str) or etype not in EVENT_TYPES:
         raise _invalid(f"{where}eventType", f"must be one of {', '.join(sorted(EVENT_TYPES))}")
     pos = _position(doc.get("positionSeconds"), where)
-    return PlaybackEvent(event_id, video_id, session_id, etype, pos, _occurred_at(doc, where))
+    at = _occurred_at(doc, where)
+    if event_id is None:
+        # The seed's example has no eventId: one made of what the event says is as good for
+        # the in-batch de-duplication (an identical event merges to nothing new anyway).
+        event_id = f"~{session_id}:{etype}:{pos!r}:{at!r}"
+    return PlaybackEvent(event_id, video_id, session_id, etype, pos, at)
 
 
 def _parse_items(items: list[Any]) -> list[PlaybackEvent]:
@@ -653,7 +678,17 @@ async def apply_sessions(
     if not sessions:
         return 0
     wanted = sorted({v for v, _ in sessions})
-    known = set((await conn.execute(select(videos.c.id).where(videos.c.id.in_(wanted)))).scalars())
+    # Only READY videos count views: nobody could have played anything else (issue 11: views
+    # were counted for a video still UPLOADING).
+    known = set(
+        (
+            await conn.execute(
+                select(videos.c.id).where(
+                    videos.c.id.in_(wanted), videos.c.state == State.READY.value
+                )
+            )
+        ).scalars()
+    )
     # sorted: one lock order for every consumer (no deadlocks between control processes)
     rows = sorted((k, w) for k, w in sessions.items() if k[0] in known)
     if not rows:
@@ -1164,7 +1199,9 @@ def comment_json(row: Any) -> dict[str, Any]:
 
 
 async def check_video(conn: AsyncConnection, video_id: str) -> None:
-    """404 unknown, 451 blocked, 410 deleted."""
+    """404 unknown, 451 blocked, 410 deleted, read in the caller's transaction: the visibility
+    rule (`Engagement._visible`) answered from the metadata cache, which may be up to a second
+    behind a takedown."""
     if not is_id(video_id, "vid"):
         raise ApiError(NOT_FOUND, "no such video")
     state = (
@@ -1190,8 +1227,17 @@ class Engagement:
         settle_seconds: float | None = None,
         claim_idle_ms: int = 30_000,
         prune_every_seconds: float = DEFAULT_PRUNE_EVERY,
+        signer: SessionSigner | None = None,
+        gate: SessionGate | None = None,
+        meta: MetaCache | None = None,
     ) -> None:
         self.engine = engine
+        # the playback API's signer (`control.app` shares one); a private one checks nothing
+        # any other process issued
+        self.signer = signer if signer is not None else SessionSigner(secrets.token_bytes(32))
+        self.gate = gate if gate is not None else SessionGate()
+        self.meta = meta  # None: the app's (`METACACHE_KEY`), else straight from the database
+        self._load: Loader = database_loader(engine)
         self.redis_url = redis_url
         self.redis = redis_client(redis_url) if redis_url else None
         self.appender = GroupAppender(engine)
@@ -1232,8 +1278,33 @@ class Engagement:
         if self.redis is not None:
             await self.redis.aclose()
 
+    def admitted(self, events: list[PlaybackEvent], ip: str, now: float) -> list[PlaybackEvent]:
+        """The events whose session was issued for their video (one HMAC per session of the
+        request), within the per-session and per-IP caps (`control.playback_sessions`)."""
+        wanted: dict[tuple[str, str], int] = {}
+        for e in events:
+            key = (e.video_id, e.session_id)
+            wanted[key] = wanted.get(key, 0) + 1
+        room: dict[tuple[str, str], int] = {}
+        for (vid, sid), n in wanted.items():
+            ok = self.signer.verify(sid, vid, now)
+            room[(vid, sid)] = self.gate.admit(ip, sid, n, now) if ok else 0
+        if all(room[k] == n for k, n in wanted.items()):
+            return events
+        out = []
+        for e in events:
+            key = (e.video_id, e.session_id)
+            if room[key] > 0:
+                room[key] -= 1
+                out.append(e)
+        return out
+
     async def ingest(self, request: web.Request) -> web.Response:
-        events = parse_events(decode_json(await read_body(request, MAX_BODY_BYTES)))
+        parsed = parse_events(decode_json(await read_body(request, MAX_BODY_BYTES)))
+        events = self.admitted(parsed, request.remote or "", time.time())
+        rejected = len(parsed) - len(events)
+        if not events:
+            return web.json_response({"accepted": 0, "rejected": rejected}, status=202)
         body = encode_batch(events)
         if self.redis is None:
             await self.appender.append(body, len(events))
@@ -1243,11 +1314,25 @@ class Engagement:
             except (RedisError, OSError):
                 log.exception("appending playback events to redis failed")
                 raise ApiError(UNAVAILABLE, "the event stream is unavailable") from None
-        return web.json_response({"accepted": len(events)}, status=202)
+        return web.json_response({"accepted": len(events), "rejected": rejected}, status=202)
+
+    async def _visible(self, request: web.Request, video_id: str) -> Principal | None:
+        """The rule of `GET /v1/videos/{id}` (`control.visibility`), from the same metadata
+        cache when the app has one; returns the caller's key when it was read."""
+        meta = self.meta if self.meta is not None else request.app.get(METACACHE_KEY)
+        load = meta.get if meta is not None else self._load
+        _v, principal = await visible_video(load, self.engine, request, video_id, play=False)
+        return principal
+
+    async def _writer(self, request: web.Request, video_id: str) -> Principal:
+        """A caller who may see the video and has a key (visibility first: a private video is
+        404 to a stranger with or without one, as GET answers)."""
+        principal = await self._visible(request, video_id)
+        return principal if principal is not None else await authenticate(self.engine, request)
 
     async def _set_like(self, request: web.Request, liked: bool) -> web.Response:
-        principal = await authenticate(self.engine, request)
         video_id = request.match_info["id"]
+        principal = await self._writer(request, video_id)
         async with self.engine.begin() as conn:
             await check_video(conn, video_id)
             if liked:
@@ -1278,8 +1363,8 @@ class Engagement:
         return await self._set_like(request, False)
 
     async def add_comment(self, request: web.Request) -> web.Response:
-        principal = await authenticate(self.engine, request)
         video_id = request.match_info["id"]
+        principal = await self._writer(request, video_id)
         text = comment_text(decode_json(await read_body(request, MAX_COMMENT_BODY)))
         async with self.engine.begin() as conn:
             await check_video(conn, video_id)
@@ -1307,6 +1392,7 @@ class Engagement:
         if before is not None:
             q = q.where(video_comments.c.seq < before)
         q = q.order_by(video_comments.c.seq.desc()).limit(limit + 1)
+        await self._visible(request, video_id)
         async with self.engine.connect() as conn:
             await check_video(conn, video_id)
             rows = (await conn.execute(q)).all()
@@ -1321,8 +1407,8 @@ class Engagement:
         )
 
     async def delete_comment(self, request: web.Request) -> web.Response:
-        principal = await authenticate(self.engine, request)
         video_id, cid = request.match_info["id"], request.match_info["cid"]
+        principal = await self._writer(request, video_id)
         if not is_id(cid, "cmt"):
             raise ApiError(NOT_FOUND, "no such comment")
         async with self.engine.begin() as conn:

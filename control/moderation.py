@@ -73,6 +73,33 @@ def _reason(raw: bytes, query: str | None, *, required: bool) -> str | None:
     return reason.strip()
 
 
+async def set_cutoff(conn: AsyncConnection, vid: str, now: float) -> None:
+    """The video's token revocation cutoff (tokens issued before `now` are void), in the
+    caller's transaction: takedowns, and `PATCH` to a more restricted visibility."""
+    res = await conn.execute(
+        update(video_cutoffs).where(video_cutoffs.c.video_id == vid).values(cutoff=now)
+    )
+    if res.rowcount == 0:
+        await conn.execute(video_cutoffs.insert().values(video_id=vid, cutoff=now))
+
+
+async def restrict_tokens(
+    purges: Purges, conn: AsyncConnection, vid: str, actor: str, now: float
+) -> list[Purge]:
+    """Void the video's tokens issued before `now` at every edge and drop its cached objects,
+    for a video that stays playable (its owner gets new tokens): `set_cutoff`, then a `block`
+    entry with the cutoff immediately followed by an `unblock` entry on the purge log, in the
+    caller's transaction (hold `purges._write`; call `purges.published` on each after the
+    commit). The log has no entry kind for "cutoff only" yet: edges take a cutoff from
+    `block`/`delete` entries alone (`edge.app.track_cutoffs`), and the `unblock` that follows
+    at once (next seq, same transaction) lifts the origin's refusal the block implies, so the
+    origin refuses the video only between applying the two, and caches keep nothing of it."""
+    await set_cutoff(conn, vid, now)
+    cut = await purges.append(conn, "video", (vid,), False, actor, now, action="block", cutoff=now)
+    lift = await purges.append(conn, "video", (vid,), False, actor, now, action="unblock")
+    return [cut, lift]
+
+
 class Moderation:
     def __init__(
         self,
@@ -145,11 +172,7 @@ class Moderation:
         await append_event(conn, f"video.{event or 'restored'}", vid, payload, now)
 
     async def _set_cutoff(self, conn: AsyncConnection, vid: str, now: float) -> None:
-        res = await conn.execute(
-            update(video_cutoffs).where(video_cutoffs.c.video_id == vid).values(cutoff=now)
-        )
-        if res.rowcount == 0:
-            await conn.execute(video_cutoffs.insert().values(video_id=vid, cutoff=now))
+        await set_cutoff(conn, vid, now)
 
     async def _previous(self, conn: AsyncConnection, vid: str, action: str, now: State) -> State:
         """The state recorded by the video's last `action` (block/delete), READY if none."""

@@ -8,13 +8,17 @@ Rules:
 - request bodies are JSON Schemas; `additionalProperties: false` only where the handler refuses
   unknown fields (video PATCH, playback events, comments), elsewhere unknown fields are ignored
   and the schema says so by leaving them open;
-- security: one scheme, the API key as a bearer token (`Authorization: Bearer vod_…`). An
-  operation lists `[{apiKey: []}]` when a key is required, `[{}, {apiKey: []}]` when one is
-  optional (it may see more: a private video for its owner) and `[]` when none is read;
-  operator-only calls say so in `x-vod-roles`;
+- security: two schemes, both bearer tokens: the API key (`Authorization: Bearer vod_…`) and,
+  for the node endpoints (purge stream, acks, cutoffs: `control.nodeauth.NODE_PATHS`), a node
+  credential (`nodeCredential`, `Bearer vodn_…`). An operation lists `[{apiKey: []}]` when a
+  key is required, `[{}, {apiKey: []}]` when one is optional (it may see more: a private video
+  for its owner) and `[]` when none is read; operator-only calls say so in `x-vod-roles`;
 - every error is `{error: {code, message, …}}` (`vodcore.errors`), listed per operation with
   the statuses its handler can answer; 429 (`Retry-After`) on every call the rate limiter does
-  not exempt (`control.ratelimit.EXEMPT_PATHS`);
+  not exempt (`control.ratelimit.EXEMPT_PATHS`); 408 on every call (a request head or body
+  that does not arrive in time, issue 11), and 400/414/431 for a malformed or oversized head
+  (answered before any handler); uploads add 413 `quota_exceeded`, 429 `too_many_uploads` and
+  507 `insufficient_storage`;
 - tus (`/v1/tus/…`): methods (OPTIONS, POST, HEAD, PATCH, DELETE and POST with
   `X-HTTP-Method-Override`) with their request and response headers as far as OpenAPI can say
   them; bodies are `application/offset+octet-stream`. HEAD answers carry no body;
@@ -32,26 +36,36 @@ import orjson
 from aiohttp import web
 
 from control import tus_protocol as tp
+from control.engagement import EVENT_TYPES
 from control.listing import MAX_CURSOR as ME_MAX_CURSOR
 from control.listing import MAX_LIMIT as ME_MAX_LIMIT
+from control.playback_sessions import SESSION_ID_CHARS
 from control.purges import TIERS
 from control.ratelimit import EXEMPT_PATHS
 from control.search import MAX_LIMIT as SEARCH_MAX_LIMIT
 from control.search import MAX_QUERY_CHARS
 from control.validation import MAX_DESCRIPTION, MAX_TITLE, VISIBILITIES
 from vodcore.errors import (
+    BAD_HEADER,
+    BAD_JSON,
     BAD_REQUEST,
     BLOCKED,
     CHECKSUM_MISMATCH,
     FORBIDDEN,
     GONE,
+    HEADERS_TOO_LARGE,
+    INSUFFICIENT_STORAGE,
     NOT_FOUND,
     PRECONDITION,
+    QUOTA_EXCEEDED,
     RATE_LIMITED,
+    REQUEST_TIMEOUT,
     TOO_LARGE,
+    TOO_MANY_UPLOADS,
     UNAUTHENTICATED,
     UNAVAILABLE,
     UNSUPPORTED_MEDIA,
+    URI_TOO_LONG,
     VALIDATION,
     ErrorKind,
 )
@@ -66,38 +80,48 @@ VIDEO_ID = r"^vid_[a-z2-7]{16}$"
 SESSION_ID = r"^us_[a-z2-7]{16}$"
 COMMENT_ID = r"^cmt_[a-z2-7]{16}$"
 PURGE_ID = r"^pg_[a-z2-7]{16}$"
+API_KEY_ID = r"^key_[a-z2-7]{16}$"
 
 _STATUS_TEXT: dict[int, str] = {
     400: "Malformed request (bad JSON, a bad header, cursor or limit).",
-    401: "An API key is required, or the key is unknown or revoked.",
-    403: "The key may not do this (role or ownership).",
+    401: "An API key (node endpoints: a node credential) is required, or it is unknown or revoked.",
+    403: "The key may not do this (role or ownership); a node credential that is revoked or "
+    "for another tier.",
     404: "No such resource (also: a private video, to anyone but its owner or an operator).",
+    408: "The request head or body did not arrive in time.",
     409: "The resource's state does not allow this now (`state` says which).",
     410: "The resource was deleted (a video: `state`) or the upload expired.",
     412: "`Tus-Resumable` is missing or not 1.0.0.",
-    413: "The body, or the declared size, is too large.",
+    413: "The body, or the declared size, is too large, or beyond the key's storage quota.",
+    414: "The request target is too long.",
     415: "Unsupported Content-Type.",
     422: "A field is missing or invalid (`field` names it).",
-    429: "Rate limited: retry after `Retry-After` seconds.",
+    429: "Rate limited, or too many open upload sessions: retry after `Retry-After` seconds.",
+    431: "The request's header fields are too large.",
     451: "The video is blocked (taken down for legal reasons).",
     460: "The body does not match `Upload-Checksum`; nothing of it was kept.",
     503: "Temporarily unavailable.",
+    507: "Not enough storage space left on the server.",
 }
 _KINDS: dict[int, tuple[ErrorKind, ...]] = {
-    400: (BAD_REQUEST,),
+    400: (BAD_REQUEST, BAD_JSON, BAD_HEADER),
     401: (UNAUTHENTICATED,),
     403: (FORBIDDEN,),
     404: (NOT_FOUND,),
+    408: (REQUEST_TIMEOUT,),
     409: (),
     410: (GONE,),
     412: (PRECONDITION,),
-    413: (TOO_LARGE,),
+    413: (TOO_LARGE, QUOTA_EXCEEDED),
+    414: (URI_TOO_LONG,),
     415: (UNSUPPORTED_MEDIA,),
     422: (VALIDATION,),
-    429: (RATE_LIMITED,),
+    429: (RATE_LIMITED, TOO_MANY_UPLOADS),
+    431: (HEADERS_TOO_LARGE,),
     451: (BLOCKED,),
     460: (CHECKSUM_MISMATCH,),
     503: (UNAVAILABLE,),
+    507: (INSUFFICIENT_STORAGE,),
 }
 
 
@@ -151,7 +175,7 @@ def _error_responses() -> dict[str, Any]:
         headers: dict[str, Any] = {}
         if status == 429:
             headers["Retry-After"] = _header(
-                _INT_HEADER, "Whole seconds until a request is allowed again.", required=True
+                _INT_HEADER, "Whole seconds until a request is allowed again."
             )
         if status == 401:
             headers["WWW-Authenticate"] = _header({"type": "string"}, "Bearer challenge.")
@@ -180,13 +204,19 @@ def _schemas(max_upload_bytes: int) -> dict[str, Schema]:
     event_id: Schema = {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,128}$"}
     event: Schema = _obj(
         {
-            "eventId": event_id,
-            "videoId": video_id,
-            "sessionId": event_id,
-            "eventType": {
-                "type": "string",
-                "enum": ["start", "play", "heartbeat", "pause", "seek", "end"],
+            "eventId": {
+                **event_id,
+                "description": "Makes a retried event harmless; when absent, one is made of "
+                "the event's fields.",
             },
+            "videoId": video_id,
+            "sessionId": {
+                **event_id,
+                "description": "The `sessionId` of a `GET /v1/videos/{id}/playback` answer for "
+                "this video. Events with any other id are answered but not stored (`rejected`) "
+                "and never count a view.",
+            },
+            "eventType": {"type": "string", "enum": sorted(EVENT_TYPES)},
             "positionSeconds": {"type": "number", "minimum": 0, "maximum": 7 * 86400},
             "occurredAt": {
                 "description": "ISO 8601 (UTC unless it says otherwise) or epoch seconds "
@@ -197,7 +227,7 @@ def _schemas(max_upload_bytes: int) -> dict[str, Schema]:
                 ],
             },
         },
-        ["eventId", "videoId", "sessionId", "eventType", "positionSeconds", "occurredAt"],
+        ["videoId", "sessionId", "eventType", "positionSeconds", "occurredAt"],
         closed=True,
     )
     purge_ids: Schema = {
@@ -320,8 +350,23 @@ def _schemas(max_upload_bytes: int) -> dict[str, Schema]:
                 "thumbnailsVttUrl": _nullable(string),
                 "durationSeconds": _nullable(number),
                 "expiresAt": {"type": "string", "format": "date-time"},
+                "sessionId": {
+                    "type": "string",
+                    "minLength": SESSION_ID_CHARS,
+                    "maxLength": SESSION_ID_CHARS,
+                    "description": "This playback's session, for `POST /v1/playback-events` "
+                    "(signed: bound to the video, valid 12 hours).",
+                },
             },
-            ["videoId", "state", "manifestUrl", "dashUrl", "thumbnailUrl", "expiresAt"],
+            [
+                "videoId",
+                "state",
+                "manifestUrl",
+                "dashUrl",
+                "thumbnailUrl",
+                "expiresAt",
+                "sessionId",
+            ],
         ),
         "Jwks": _obj(
             {
@@ -378,7 +423,27 @@ def _schemas(max_upload_bytes: int) -> dict[str, Schema]:
                 ),
             ]
         },
-        "Accepted": _obj({"accepted": integer}, ["accepted"]),
+        "Accepted": _obj(
+            {
+                "accepted": {**integer, "description": "Events stored (they may count views)."},
+                "rejected": {
+                    **integer,
+                    "description": "Events dropped: no session the playback API issued for "
+                    "the video, or over the per-session or per-IP caps.",
+                },
+            },
+            ["accepted", "rejected"],
+        ),
+        "ApiKey": _obj(
+            {
+                "keyId": string,
+                "role": {"type": "string", "enum": ["creator", "operator"]},
+                "createdAt": _nullable({"type": "string", "format": "date-time"}),
+                "revokedAt": _nullable({"type": "string", "format": "date-time"}),
+            },
+            ["keyId", "role", "createdAt", "revokedAt"],
+        ),
+        "ApiKeys": _obj({"keys": {"type": "array", "items": _ref("ApiKey")}}, ["keys"]),
         "Like": _obj(
             {"videoId": string, "liked": {"type": "boolean"}, "likeCount": integer},
             ["videoId", "liked", "likeCount"],
@@ -538,6 +603,7 @@ VIDEO = _path_param("id", VIDEO_ID, "A video id.")
 SESSION = _path_param("sid", SESSION_ID, "An upload session id (`uploadSessionId`).")
 KEY_REQUIRED: list[dict[str, list[str]]] = [{"apiKey": []}]
 KEY_OPTIONAL: list[dict[str, list[str]]] = [{}, {"apiKey": []}]
+NODE: list[dict[str, list[str]]] = [{"nodeCredential": []}]
 NO_KEY: list[dict[str, list[str]]] = []
 
 _TUS_RESUMABLE = _in_header(
@@ -583,7 +649,7 @@ def _op(
         op["requestBody"] = {"required": body_required, "content": {JSON: {"schema": body}}}
     if raw_body is not None:
         op["requestBody"] = raw_body
-    op["responses"] = {**responses, **(_errors(429) if limited else {})}
+    op["responses"] = {**responses, **_errors(408), **(_errors(429) if limited else {})}
     if operator:
         op["x-vod-roles"] = ["operator"]
     return op
@@ -638,7 +704,7 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                 "uploads",
                 {
                     **_ok(201, _ref("UploadCreated"), "Created; upload the bytes to `uploadUrl`."),
-                    **_errors(400, 401, 413, 422),
+                    **_errors(400, 401, 413, 422, 429, 507),
                 },
                 security=KEY_REQUIRED,
                 body=_ref("UploadRequest"),
@@ -650,7 +716,7 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                 "uploads",
                 {
                     **_ok(202, _ref("UploadCompleted"), "Completed (or already was)."),
-                    **_errors(401, 404, 409, 410),
+                    **_errors(400, 401, 403, 404, 409, 410, 413, 422, 507),
                 },
                 security=KEY_REQUIRED,
                 parameters=[SESSION],
@@ -700,7 +766,7 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                             "X-Video-Id": _header({"type": "string"}, "The video.", required=True),
                         },
                     ),
-                    **_errors(400, 401, 412, 413, 422),
+                    **_errors(400, 401, 412, 413, 415, 422, 429, 460, 507),
                 },
                 security=KEY_REQUIRED,
                 parameters=[
@@ -767,7 +833,7 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                             "Upload-Expires": _header({"type": "string"}, "While open."),
                         },
                     ),
-                    **_errors(*tus_errors, 409, 413, 415, 460),
+                    **_errors(*tus_errors, 409, 413, 415, 460, 507),
                 },
                 security=KEY_REQUIRED,
                 parameters=[
@@ -795,7 +861,7 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                 "tus",
                 {
                     **_ok(204, None, "As PATCH or DELETE.", headers=_TUS_HEADERS),
-                    **_errors(*tus_errors, 409, 413, 415, 460),
+                    **_errors(*tus_errors, 409, 413, 415, 460, 507),
                 },
                 security=KEY_REQUIRED,
                 parameters=[
@@ -909,6 +975,23 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                 operator=True,
             ),
         },
+        "/v1/api-keys": {
+            "get": _op(
+                "API keys: every key for an operator, its own for a creator (never secrets)",
+                "keys",
+                {**_ok(200, _ref("ApiKeys"), "The keys, oldest first."), **_errors(401, 403)},
+                security=KEY_REQUIRED,
+            ),
+        },
+        "/v1/api-keys/{keyId}": {
+            "delete": _op(
+                "Revoke an API key (an operator: any; a creator: its own); refused at once",
+                "keys",
+                {**_ok(200, _ref("ApiKey"), "Revoked (or already was)."), **_errors(401, 403, 404)},
+                security=KEY_REQUIRED,
+                parameters=[_path_param("keyId", API_KEY_ID, "An API key id (`keyId`).")],
+            ),
+        },
         "/v1/search": {
             "get": _op(
                 "Search READY public videos",
@@ -948,14 +1031,14 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
             "put": _op(
                 "Like (idempotent)",
                 "engagement",
-                {**_ok(200, _ref("Like"), "Liked."), **_errors(401, 404, 410, 451)},
+                {**_ok(200, _ref("Like"), "Liked."), **_errors(401, 403, 404, 410, 451)},
                 security=KEY_REQUIRED,
                 parameters=[VIDEO],
             ),
             "delete": _op(
                 "Unlike (idempotent)",
                 "engagement",
-                {**_ok(200, _ref("Like"), "Not liked."), **_errors(401, 404, 410, 451)},
+                {**_ok(200, _ref("Like"), "Not liked."), **_errors(401, 403, 404, 410, 451)},
                 security=KEY_REQUIRED,
                 parameters=[VIDEO],
             ),
@@ -966,7 +1049,7 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                 "engagement",
                 {
                     **_ok(201, _ref("Comment"), "Created."),
-                    **_errors(400, 401, 404, 410, 413, 422, 451),
+                    **_errors(400, 401, 403, 404, 410, 413, 422, 451),
                 },
                 security=KEY_REQUIRED,
                 parameters=[VIDEO],
@@ -975,8 +1058,11 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
             "get": _op(
                 "Comments, newest first",
                 "engagement",
-                {**_ok(200, _ref("CommentPage"), "One page."), **_errors(400, 404, 410, 451)},
-                security=NO_KEY,
+                {
+                    **_ok(200, _ref("CommentPage"), "One page."),
+                    **_errors(400, 401, 403, 404, 410, 451),
+                },
+                security=KEY_OPTIONAL,
                 parameters=[
                     VIDEO,
                     _query(
@@ -1049,8 +1135,11 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
             "get": _op(
                 "Every video's token cutoff (for caching nodes)",
                 "moderation",
-                _ok(200, _ref("Cutoffs"), "`{videoId: epoch seconds}`."),
-                security=NO_KEY,
+                {
+                    **_ok(200, _ref("Cutoffs"), "`{videoId: epoch seconds}`."),
+                    **_errors(401, 403),
+                },
+                security=NODE,
                 limited=lim("/v1/cutoffs"),
             ),
         },
@@ -1077,9 +1166,9 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                         "once `event: live` (data: the last seq sent), `: ping` comments.",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    **_errors(422),
+                    **_errors(400, 401, 403, 422),
                 },
-                security=NO_KEY,
+                security=NODE,
                 limited=lim("/v1/purges/stream"),
                 parameters=[
                     _query("after", {"type": "integer", "minimum": 0}, "Resume after this seq."),
@@ -1099,8 +1188,12 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
             "post": _op(
                 "A node applied purges",
                 "purges",
-                {**_ok(200, _ref("PurgeAcked"), "Recorded."), **_errors(400, 413, 422)},
-                security=NO_KEY,
+                {
+                    **_ok(200, _ref("PurgeAcked"), "Recorded."),
+                    # 422 also for a seq above the log's last; 429: the credential's own budget
+                    **_errors(400, 401, 403, 413, 422, 429),
+                },
+                security=NODE,
                 body=_ref("PurgeAck"),
                 limited=lim("/v1/purges/acks"),
             ),
@@ -1132,7 +1225,13 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An API key (`vod keys create`), as `Authorization: Bearer K`.",
-                }
+                },
+                "nodeCredential": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A node credential (`vod nodes create`), as "
+                    "`Authorization: Bearer vodn_…`: edges, shields and origins only.",
+                },
             },
         },
     }

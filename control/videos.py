@@ -37,8 +37,11 @@ the owner's or an operator's (403; 404 when the video is private, as above); blo
 deleted videos are refused as by GET (451, 410). In one transaction it re-reads the row (FOR
 UPDATE on PostgreSQL), updates the fields whose values differ and appends a `video.updated`
 event whose payload is exactly those fields with their new values (the search indexer follows
-it); a change to the same values writes nothing. Answers 200 with the video. The video is then
-invalidated in the metadata cache, as moderation does.
+it); a change to the same values writes nothing. A change to a more restricted visibility
+(public → unlisted → private) also sets the video's token cutoff and drops its cached objects
+through the purge log, as a block does (`control.moderation.restrict_tokens`): tokens issued
+before it stop playing at every edge, the owner's new ones play. Answers 200 with the video.
+The video is then invalidated in the metadata cache, as moderation does.
 
 `GET /v1/me/videos?limit=&cursor=` (any key): the caller's own videos, newest first, cursor
 paginated (`control.listing`): `{results: [video…], nextCursor}`.
@@ -46,9 +49,10 @@ paginated (`control.listing`): `{results: [video…], nextCursor}`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,33 +63,34 @@ from aiohttp.http import SERVER_SOFTWARE
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from control.auth import Principal, authenticate, may_manage, optional_principal
+from control.auth import Principal, authenticate, may_manage
 from control.engagement import counters, counters_many
 from control.ids import is_id
 from control.listing import owner_page, page_query
 from control.metacache import ABSENT, METACACHE_KEY, MetaCache
+from control.moderation import restrict_tokens
 from control.negcache import MISSING, NegativeCache
+from control.playback_sessions import SESSION_ID_CHARS, SessionSigner
+from control.purges import Purges
 from control.ratelimit import RATE_LIMITERS_KEY, RateLimiter
 from control.validation import decode_json, video_patch
+from control.visibility import VideoRow, check_viewer, load_video, refusal, restricts
 from vodcore import metrics
 from vodcore.config import Settings
 from vodcore.db.schema import videos
 from vodcore.db.videos import append_event, get_video
 from vodcore.errors import (
-    BLOCKED,
     FORBIDDEN,
-    GONE,
     NOT_FOUND,
     NOT_READY,
-    UNAUTHENTICATED,
     ApiError,
 )
 from vodcore.fastpath import sniff
-from vodcore.lifecycle import State
+from vodcore.purge import Purge
 from vodcore.server import FAST_PATH_KEY, fast_path_skippable, write_access_line
 from vodcore.tokens import SigningKeys
 
-VideoRow = Mapping[Any, Any]  # a database row or the metadata cache's dict of one
+__all__ = ["VideoRow", "refusal"]  # re-exported: the rule lives in `control.visibility`
 
 
 def iso(ts: float | None) -> str | None:
@@ -138,17 +143,6 @@ def playback_urls(
     }
 
 
-def refusal(state: str) -> ApiError | None:
-    """The error for a negative answer: unknown, blocked, deleted; None for any other state."""
-    if state == MISSING:
-        return ApiError(NOT_FOUND, "no such video")
-    if state == State.BLOCKED:
-        return ApiError(BLOCKED, extra={"state": state})
-    if state == State.DELETED:
-        return ApiError(GONE, "the video was deleted", extra={"state": state})
-    return None
-
-
 def _json(body: Any, headers: dict[str, str]) -> web.Response:
     return web.Response(
         body=orjson.dumps(body), content_type="application/json", charset="utf-8", headers=headers
@@ -167,8 +161,18 @@ class Videos:
         keys: SigningKeys,
         negative: NegativeCache | None = None,
         meta: MetaCache | None = None,
+        sessions: SessionSigner | None = None,
+        purges: Purges | None = None,
     ) -> None:
+        # the purge log, for a PATCH that restricts visibility (None: no cutoff, as in tests
+        # that run this class alone)
+        self.purges = purges
         self.settings = settings
+        # playback sessions (`sessionId`) for the events API; `control.app` shares one signer
+        # with `control.engagement`, which checks them
+        self.sessions = (
+            sessions if sessions is not None else SessionSigner.load_or_create(settings.keys_dir)
+        )
         self.engine = engine
         self.keys = keys
         # Kept for callers that still share one with moderation; the metadata cache now holds
@@ -196,38 +200,12 @@ class Videos:
     async def _load(self, video_id: str) -> VideoRow:
         """The video (its cached row, with its "cutoff"), unless it is unknown, blocked or
         deleted (404, 451, 410)."""
-        if not is_id(video_id, "vid"):
-            raise ApiError(NOT_FOUND, "no such video")
-        v = await self.meta.get(video_id)
-        if v is None:
-            raise ApiError(NOT_FOUND, "no such video")
-        if v["state"] != "READY" and (err := refusal(v["state"])) is not None:
-            raise err
-        return v
+        return await load_video(self.meta.get, video_id)
 
-    async def _viewer(self, request: web.Request, v: VideoRow, *, play: bool) -> None:
-        """Refuse a caller who may not see (or, with `play`, play) a non-public video."""
-        visibility = v["visibility"]
-        if visibility == "public":
-            return
-        try:
-            principal = await optional_principal(self.engine, request)
-        except ApiError as e:
-            if visibility == "private" and e.kind in (UNAUTHENTICATED, FORBIDDEN):
-                raise ApiError(NOT_FOUND, "no such video") from None
-            raise
-        if may_manage(principal, v["owner_key_id"]):
-            return
-        if visibility == "private":
-            raise ApiError(NOT_FOUND, "no such video")
-        if play:  # unlisted
-            if principal is None:
-                raise ApiError(
-                    UNAUTHENTICATED,
-                    "an unlisted video plays only for its owner or an operator",
-                    headers={"WWW-Authenticate": 'Bearer realm="vodstack"'},
-                )
-            raise ApiError(FORBIDDEN, "an unlisted video plays only for its owner or an operator")
+    async def _viewer(self, request: web.Request, v: VideoRow, *, play: bool) -> Principal | None:
+        """Refuse a caller who may not see (or, with `play`, play) a non-public video
+        (`control.visibility`, the rule engagement shares)."""
+        return await check_viewer(self.engine, request, v, play=play)
 
     async def get(self, request: web.Request) -> web.Response:
         v = await self._load(request.match_info["id"])
@@ -243,7 +221,14 @@ class Videos:
         if not is_id(video_id, "vid"):
             raise ApiError(NOT_FOUND, "no such video")
         now = time.time()
-        async with self.engine.begin() as conn:
+        entries: list[Purge] = []
+        # the purge log's writer lock (as moderation takes it) only when the log may be written
+        lock: contextlib.AbstractAsyncContextManager[Any] = (
+            self.purges._write
+            if self.purges is not None and "visibility" in changes
+            else contextlib.nullcontext()
+        )
+        async with lock, self.engine.begin() as conn:
             row = (
                 await conn.execute(select(videos).where(videos.c.id == video_id).with_for_update())
             ).first()
@@ -259,9 +244,21 @@ class Videos:
                     update(videos).where(videos.c.id == video_id).values(**changed, updated_at=now)
                 )
                 await append_event(conn, "video.updated", video_id, dict(changed), now)
+                if (
+                    self.purges is not None
+                    and "visibility" in changed
+                    and restricts(str(v["visibility"]), changed["visibility"])
+                ):
+                    # issue 11: old tokens kept playing for hours after a video went private
+                    entries = await restrict_tokens(
+                        self.purges, conn, video_id, principal.key_id, now
+                    )
                 v = await get_video(conn, video_id)
                 assert v is not None
             views, likes = await counters(conn, video_id)
+        if self.purges is not None:
+            for entry in entries:
+                self.purges.published(entry)
         self.negative.forget(video_id)
         await self.meta.invalidate(video_id)
         return _json(video_json(v, views, likes), NO_STORE)
@@ -292,7 +289,7 @@ class Videos:
         if state != "READY" or v["current_version"] is None:
             raise ApiError(NOT_READY, f"the video is {state}, not READY", extra={"state": state})
         return web.Response(
-            body=self._answer(v)[2],
+            body=self._with_session(self._answer(v)[2], v["id"]),
             content_type="application/json",
             charset="utf-8",
             headers=PRIVATE_NO_STORE,
@@ -318,13 +315,26 @@ class Videos:
             ),
             "durationSeconds": v["duration_seconds"],
             "expiresAt": expires,
+            # every answer gets its own session: the memoised bytes hold a placeholder of the
+            # same length, replaced per request (`_with_session`)
+            "sessionId": SESSION_PLACEHOLDER,
         }
         memo = self._answers[v["id"]] = (v, token, orjson.dumps(body), None)
         return memo
 
+    def _with_session(self, data: bytes, video_id: str) -> bytes:
+        """`data` (a memoised body or response) with a new playback session in it: one HMAC
+        and one replace of a fixed-length placeholder (Content-Length does not change)."""
+        sid = self.sessions.mint(video_id, int(time.time()))
+        return data.replace(_PLACEHOLDER_BYTES, sid.encode("ascii"), 1)
+
     def playback_response(self, v: VideoRow) -> tuple[bytes, int]:
         """The whole HTTP/1.1 response `playback` gives for a READY video's cached row, as
         aiohttp would send it (the same fields in the same order), and its body's length."""
+        whole, length = self._playback_template(v)
+        return self._with_session(whole, v["id"]), length
+
+    def _playback_template(self, v: VideoRow) -> tuple[bytes, int]:
         memo = self._answer(v)
         whole = memo[3]
         if whole is None:
@@ -365,6 +375,10 @@ class Videos:
 
 
 PLAYBACK_PREFIX = b"GET /v1/videos/"
+# '~' is in no token, URL or JSON number of the answer: the placeholder is found only where
+# it was put
+SESSION_PLACEHOLDER = "ps1." + "~" * (SESSION_ID_CHARS - 4)
+_PLACEHOLDER_BYTES = SESSION_PLACEHOLDER.encode("ascii")
 
 
 class PlaybackFastPath:

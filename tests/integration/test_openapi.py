@@ -46,6 +46,11 @@ from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import api_keys, videos
 from vodcore.server import start_server
 
+try:  # node credentials (issue 11): the node endpoints answer only authenticated nodes
+    from control import nodes_credentials
+except ImportError:  # pragma: no cover
+    nodes_credentials = None  # type: ignore[assignment]
+
 MAX_EXAMPLES = 20
 TUS = {"Tus-Resumable": "1.0.0"}
 CHECKS = [
@@ -97,15 +102,19 @@ class Live:
     creator: str
     operator: str
     ids: dict[str, list[str]]  # path parameter name → real ids
+    node: dict[str, str]  # the headers of a node (its credential), for the node endpoints
 
 
-async def _seed(settings: Settings) -> tuple[str, str]:
+async def _seed(settings: Settings) -> tuple[str, str, str | None]:
     engine = make_engine(settings.db_url)
     try:
         await create_schema(engine)
         async with engine.begin() as conn:
             creator = await create_key(conn, "creator", 0.0)
             operator = await create_key(conn, "operator", 0.0)
+            node = None
+            if nodes_credentials is not None:
+                _cred, node = await nodes_credentials.create(conn, "any", 0.0, "openapi")
             owner = (
                 await conn.execute(
                     select(api_keys.c.id).where(api_keys.c.key_hash == hash_key(creator))
@@ -123,7 +132,7 @@ async def _seed(settings: Settings) -> tuple[str, str]:
                 )  # fmt: skip
     finally:
         await engine.dispose()
-    return creator, operator
+    return creator, operator, node
 
 
 class _Thread:
@@ -155,7 +164,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, backends: Backends) -> Iterat
 def _live(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Live]:
     settings = _settings(tmp_path_factory.mktemp("openapi") / "data", backend)
     settings.data_dir.mkdir(parents=True)
-    creator, operator = asyncio.run(_seed(settings))
+    creator, operator, node = asyncio.run(_seed(settings))
     server = _Thread(control_app(settings))
     try:
         url = server.url
@@ -186,7 +195,7 @@ def _live(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterato
             "cid": [cm.json()["commentId"]],
             "kid": kids,
         }
-        yield Live(url, creator, operator, ids)
+        yield Live(url, creator, operator, ids, {"Authorization": f"Bearer {node}"} if node else {})
     finally:
         server.stop()
 
@@ -271,10 +280,15 @@ def test_served_document_is_the_one_tested(live: Live) -> None:
 
 
 def test_purge_stream_is_an_event_stream(live: Live) -> None:
-    bad = requests.get(f"{live.url}/v1/purges/stream?node=n&tier=moon", timeout=10)
+    bad = requests.get(
+        f"{live.url}/v1/purges/stream?node=n&tier=moon", headers=live.node, timeout=10
+    )
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_failed"
     with requests.get(
-        f"{live.url}/v1/purges/stream?after=0&node=openapi-test&tier=edge", stream=True, timeout=10
+        f"{live.url}/v1/purges/stream?after=0&node=openapi-test&tier=edge",
+        headers=live.node,
+        stream=True,
+        timeout=10,
     ) as r:
         assert r.status_code == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
@@ -310,7 +324,7 @@ BUGS = [
 
 @pytest.mark.parametrize(("method", "path", "body"), BUGS)
 def test_bad_input_is_a_4xx(live: Live, method: str, path: str, body: Any) -> None:
-    r = requests.request(method, live.url + path, json=body, timeout=5)
+    r = requests.request(method, live.url + path, json=body, headers=live.node, timeout=5)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert r.json()["error"]["code"]
 
@@ -321,5 +335,5 @@ def test_bad_input_is_a_4xx(live: Live, method: str, path: str, body: Any) -> No
 @pytest.mark.parametrize("seq", [2**31, 2**40])
 def test_an_ack_beyond_32_bits_is_not_a_500(live: Live, seq: int) -> None:
     body = {"node": "big-acks", "tier": "edge", "seqs": [seq]}
-    r = requests.post(f"{live.url}/v1/purges/acks", json=body, timeout=5)
+    r = requests.post(f"{live.url}/v1/purges/acks", json=body, headers=live.node, timeout=5)
     assert r.status_code in (200, 422), (r.status_code, r.text)
