@@ -42,6 +42,8 @@ class Stack:
     proc: subprocess.Popen[bytes]
     log: Path
     settings: Settings  # what `vod up` runs on
+    shield: str = ""
+    env: dict[str, str] | None = None  # the backend's VOD_* variables
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,8 @@ def _stack(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterat
             time.sleep(0.2)
         s = Stack(data, f"http://127.0.0.1:{ports['control']}",
                   f"http://127.0.0.1:{ports['edge']}", f"http://127.0.0.1:{ports['origin']}",
-                  key, proc, log, backend.settings(data))  # fmt: skip
+                  key, proc, log, backend.settings(data),
+                  f"http://127.0.0.1:{ports['shield']}", env)  # fmt: skip
         for url in (s.control, s.edge, s.origin, f"http://127.0.0.1:{ports['shield']}"):
             wait_http(url + "/healthz", timeout=10)
         yield s
@@ -258,9 +261,35 @@ def test_upload_transcode_and_play_through_every_tier(
         f"{s.origin}/v/{vid}/..%2F..%2Fsource/{vid}/original",
     ):
         r = requests.get(url, timeout=10)
-        assert r.status_code in (400, 404), (url, r.status_code)
+        # `vod up` gives its tiers a tier secret: the origin refuses strangers first (403)
+        assert r.status_code in (400, 403, 404), (url, r.status_code)
         assert r.headers["Content-Type"].startswith("application/json"), url
         assert b"SQLite format" not in r.content
+
+    # Shields and origins answer only their own tiers (issue 11): a player who finds them
+    # gets a 403, even for an object the shield holds.
+    for tier_url in (s.origin, s.shield):
+        r = requests.get(tier_url + origin_path, timeout=10)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", tier_url
+
+    # The tiers `vod up` started authenticate to control with the credential it provisioned:
+    # a purge reaches the edge, the shield and the origin and completes.
+    operator = subprocess.run(
+        [sys.executable, "-m", "vodcore.cli", "keys", "create", "--data", str(s.data),
+         "--role", "operator"], check=True, capture_output=True, text=True, timeout=60,
+        env=s.env,
+    ).stdout.strip()  # fmt: skip
+    r = requests.post(f"{s.control}/v1/purges", json={"videoId": vid}, timeout=10,
+                      headers={"Authorization": f"Bearer {operator}"})  # fmt: skip
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 30
+    while True:
+        doc = requests.get(f"{s.control}/v1/purges/{r.json()['purgeId']}", timeout=10).json()
+        if doc["complete"] and {n["tier"] for n in doc["nodes"]} == {"edge", "shield", "origin"}:
+            break
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.2)
+    assert (s.data / "node-credential").stat().st_mode & 0o077 == 0  # the owner's only
 
     # Unknown video → 404; playback before READY → 409 with the state.
     assert requests.get(f"{s.control}/v1/videos/vid_aaaaaaaaaaaaaaaa/playback",
