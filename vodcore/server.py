@@ -480,6 +480,10 @@ class _GuardedHandler(RequestHandler):
         return resp
 
 
+# An unfinished head longer than this turns the fast path off rather than being kept.
+_MAX_SPLIT_HEAD = 64 * 1024
+
+
 class _FastHandler(_GuardedHandler):
     """The guarded handler, with `vodcore.fastpath` answering plain fresh hits first.
 
@@ -492,6 +496,7 @@ class _FastHandler(_GuardedHandler):
         super().__init__(*args, **kwargs)
         self._fast = fast
         self._fast_state = 0
+        self._fast_tail = b""  # the unfinished head's bytes so far, in state 1
 
     def data_received(self, data: bytes) -> None:
         state = self._fast_state
@@ -523,12 +528,23 @@ class _FastHandler(_GuardedHandler):
                 if self._head_deadline:  # a complete head: none is due now
                     self._head_done()
                 return
-        if self._fast_state != 2:
-            low = data.lower()
-            if b"content-length" in low or b"transfer-encoding" in low or b"upgrade" in low:
-                self._fast_state = 2
+        state = self._fast_state  # (the fast path may have turned itself off just now)
+        if state != 2:
+            # A head split over writes is judged whole: "Content" | "-Length" in two writes
+            # must not hide a body that could pass for a request (issue 11, item 9).
+            seen = self._fast_tail + data if state == 1 else data
+            low = seen.lower()
+            if (
+                b"content-length" in low
+                or b"transfer-encoding" in low
+                or b"upgrade" in low
+                or len(seen) > _MAX_SPLIT_HEAD
+            ):
+                self._fast_state, self._fast_tail = 2, b""
+            elif seen.endswith(b"\r\n\r\n"):
+                self._fast_state, self._fast_tail = 0, b""
             else:
-                self._fast_state = 0 if data.endswith(b"\r\n\r\n") else 1
+                self._fast_state, self._fast_tail = 1, seen
         super().data_received(data)
 
 
