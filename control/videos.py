@@ -5,7 +5,10 @@
 description may be what it was taken down for). `GET /v1/videos/{id}/playback` hands out signed
 URLs only when the video is READY (DESIGN.md): 409 with the state before that, 404 unknown, 451
 blocked, 410 deleted. URLs carry the token in the path so relative manifest URLs keep it:
-`{edge}/v/{videoId}/{token}/{version}/master.m3u8`.
+`{edge}/v/{videoId}/{token}/{version}/master.m3u8`. Every playback answer also carries a new
+`sessionId` (`control.playback_sessions`: signed, bound to the video), the only session id
+whose playback events count views; the memoised answer holds a placeholder of the same length
+that each request's id replaces, so the answer's bytes are still made once per second.
 
 Rows come from a read-through cache (`control.metacache`: this process's memory, then Redis
 when configured, then the database), READY rows and negative answers (unknown, blocked,
@@ -21,8 +24,9 @@ same bytes, metrics, access line and IP rate limit, without aiohttp's per-reques
 anything else about the request or the video goes the full path.
 
 Visibility (issue 6: "private and unlisted videos are never in search and get playback tokens
-only for their owner or operator"); the owner is the key that created the video, and operators
-may do what owners may (`control.auth.may_manage`):
+only for their owner or operator"; the rule is `control.visibility`, which engagement shares);
+the owner is the key that created the video, and operators may do what owners may
+(`control.auth.may_manage`):
 - public: anyone sees it and gets playback URLs, no key needed (keys are not even checked);
 - unlisted: anyone with the id may see its resource (the link is the point of unlisted), but
   playback needs the owner's or an operator's key: 401 without a key, 403 with another key;

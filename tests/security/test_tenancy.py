@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from control.app import make_app
 from control.auth import create_key, hash_key
+from control.visibility import restricts
 from edge.app import make_app as edge_app
 from origin.app import GUARD_KEY
 from origin.app import make_app as origin_app
@@ -281,3 +282,16 @@ async def test_old_tokens_stop_playing_when_a_video_is_restricted(
     status, again = await _playback_token(w, None)
     assert status == 200 and again
     assert await _edge_status(w, again) == 200
+
+
+def test_which_visibility_changes_restrict() -> None:
+    table = {
+        ("public", "unlisted"): True,
+        ("public", "private"): True,
+        ("unlisted", "private"): True,
+        ("unlisted", "public"): False,
+        ("private", "public"): False,
+        ("private", "unlisted"): False,
+        ("public", "public"): False,
+    }
+    assert {k: restricts(*k) for k in table} == table

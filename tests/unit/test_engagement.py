@@ -136,6 +136,27 @@ def test_the_fast_path_agrees_with_parse_event() -> None:
     assert got[1] == PlaybackEvent("e2", VID, "s1", "heartbeat", 3.0, 1714564800.0)
 
 
+def test_the_seeds_example_event_parses() -> None:
+    """The seed's example: no eventId, `play_started`; the id made of its fields keeps
+    distinct events apart and merges identical ones."""
+    seed = {
+        "videoId": VID,
+        "sessionId": "ps_44",
+        "eventType": "play_started",
+        "positionSeconds": 0,
+        "occurredAt": "2026-04-26T18:16:03Z",
+    }
+    (one,) = parse_events(seed)
+    assert (one.video_id, one.session_id, one.event_type, one.position) == (
+        VID,
+        "ps_44",
+        "play_started",
+        0.0,
+    )
+    later = {**seed, "eventType": "heartbeat", "positionSeconds": 10}
+    assert len(parse_events({"events": [seed, later, seed]})) == 2
+
+
 def test_too_many_events_is_413() -> None:
     assert status({"events": [ev(eventId=f"e{i}") for i in range(MAX_BATCH + 1)]}) == 413
 
