@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,11 +36,14 @@ from tests.security import media_corpus as mc
 from transcoder import ffrun
 from transcoder.probe import Unplayable, probe
 from transcoder.sandbox import Sandbox, resolve
+from transcoder.stages import source_path
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
 from vodcore.ffmpeg import ffmpeg_exe
+from vodcore.layout import source_key
 from vodcore.store import ObjectStore
 from vodcore.store.factory import close_store, make_store
+from vodcore.store.fs import FilesystemStore
 
 FFMPEG = ffmpeg_exe()
 VICTIM = "victimvid"
@@ -294,3 +298,33 @@ def _pids(needle: str) -> list[int]:
             if needle.encode() in cmdline and b"pytest" not in cmdline:
                 found.append(int(entry.name))
     return found
+
+
+# staging ---------------------------------------------------------------------------------------
+
+
+async def test_the_source_is_staged_into_the_jobs_private_directory(tmp_path: Path) -> None:
+    """ffmpeg is handed `workdir/input/source`: a hard link to the stored upload on the same
+    file system, a copy across file systems (a tmpfs work directory here)."""
+    store = FilesystemStore(tmp_path / "store")
+    await store.put_bytes(source_key("v1"), b"not really a video")
+    stored = store.local_path(source_key("v1"))
+    assert stored is not None
+    work = tmp_path / "job"
+    work.mkdir(mode=0o700)
+    staged = await source_path(store, "v1", work)
+    assert staged == work / "input" / "source" and staged.is_absolute()
+    assert staged.stat().st_ino == stored.stat().st_ino  # a link, not a copy
+    assert await source_path(store, "v1", work) == staged  # staged once per job
+    if _another_file_system(SHM, tmp_path):
+        with tempfile.TemporaryDirectory(dir=SHM) as other:
+            copied = await source_path(store, "v1", Path(other))
+            assert copied.read_bytes() == b"not really a video"
+            assert copied.stat().st_ino != stored.stat().st_ino
+
+
+SHM = Path("/dev/shm")
+
+
+def _another_file_system(a: Path, b: Path) -> bool:
+    return a.is_dir() and a.stat().st_dev != b.stat().st_dev
