@@ -215,11 +215,15 @@ def save_state(uploads_dir: Path, session_id: str, state: MultipartState) -> Non
     """Atomic: a reader sees the old state or the new one."""
     path = state_path(uploads_dir, session_id)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(state.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(state.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the old state stands, no partial file stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --- the local buffer (bytes [base, offset)) ---------------------------------------------------
@@ -246,15 +250,19 @@ def settle_buffer(uploads_dir: Path, session_id: str, base: int) -> int:
     if not live.exists():
         src = next(((b, p) for b, p in reversed(older) if b < base), None)
         tmp = live.with_name(live.name + ".tmp")
-        with open(tmp, "wb") as out:
-            if src is not None:
-                with open(src[1], "rb") as f:
-                    f.seek(base - src[0])
-                    while data := f.read(MiB):
-                        out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, live)
+        try:
+            with open(tmp, "wb") as out:
+                if src is not None:
+                    with open(src[1], "rb") as f:
+                        f.seek(base - src[0])
+                        while data := f.read(MiB):
+                            out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, live)
+        except BaseException:  # a full disk: the older buffer stays the truth
+            tmp.unlink(missing_ok=True)
+            raise
     for _, p in older:
         p.unlink(missing_ok=True)
     return live.stat().st_size

@@ -86,12 +86,17 @@ def check_space(limits: Limits, needed: int, free: int) -> None:
         )
 
 
-def insufficient_storage(what: str) -> ApiError:
-    """The answer to ENOSPC (or EDQUOT) met while writing: nothing committed is lost."""
+def insufficient_storage(what: str, offset: int | None = None) -> ApiError:
+    """The answer to ENOSPC (or EDQUOT) met while writing: nothing committed is lost, and
+    `offset` (the upload's, when there is one) is where the client resumes once there is
+    room again."""
+    extra = {} if offset is None else {"offset": offset}
     return ApiError(
         INSUFFICIENT_STORAGE,
         f"the server ran out of storage space while {what}; what was committed is kept: "
-        "resume later (HEAD gives the offset)",
+        "retry later" + ("" if offset is None else f" from offset {offset}"),
+        headers={} if offset is None else {"Upload-Offset": str(offset)},
+        extra=extra,
     )
 
 

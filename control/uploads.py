@@ -44,6 +44,15 @@ Rules:
    through presigned part URLs: both are `control/multipart.py`, whose rules (part sizes, the
    local remainder buffer, verification at completion) apply. Termination and expiry abort the
    multipart upload.
+9. Disk and quotas. A creation passes `control/quotas.py` first (the key's quota: 413, its
+   open uploads: 429, free space: 507), checked again in the creation's transaction so two
+   racing creations cannot both pass. A full disk (ENOSPC, EDQUOT) anywhere later (a body, a
+   checkpoint's fsync, the S3 buffer or state file, the move into the store) is a 507
+   `insufficient_storage`, never a 500: the file is cut back to the committed offset (rule
+   3), the store holds no half-written object (it writes a temporary name, then renames),
+   and the client resumes once there is room: from HEAD's offset, or, when the last byte
+   was committed but storing failed, with an empty PATCH at the end (or a repeat of the
+   completion request).
 """
 
 from __future__ import annotations
@@ -298,6 +307,16 @@ class Uploads:
     async def create(
         self, req: UploadRequest, owner_key_id: str | None, now: float, meta: dict[str, str]
     ) -> Created:
+        try:
+            return await self._create(req, owner_key_id, now, meta)
+        except OSError as e:  # no room for the session's (empty) files
+            if not quotas.is_out_of_space(e):
+                raise
+            raise quotas.insufficient_storage("creating the upload") from None
+
+    async def _create(
+        self, req: UploadRequest, owner_key_id: str | None, now: float, meta: dict[str, str]
+    ) -> Created:
         store = self.store
         if req.method == mp.METHOD_S3 and not isinstance(store, MultipartStore):
             raise ApiError(
@@ -521,7 +540,29 @@ class Uploads:
         principal: Principal | None = None,
     ) -> Patched:
         """One PATCH (rules 1-3): checks, the body written under the lock, the offset's CAS,
-        and completion on the last byte."""
+        and completion on the last byte. A full disk (rule 9) is a 507 with the offset."""
+        try:
+            return await self._patch(
+                session_id, offset, body, now, content_length, checksum, principal
+            )
+        except OSError as e:
+            if not quotas.is_out_of_space(e):
+                raise
+            cur = await load_session(self.engine, session_id)
+            raise quotas.insufficient_storage(
+                "writing the upload", None if cur is None else cur.offset
+            ) from None
+
+    async def _patch(
+        self,
+        session_id: str,
+        offset: int,
+        body: AsyncIterator[bytes],
+        now: float,
+        content_length: int | None,
+        checksum: tp.Checksum | None,
+        principal: Principal | None,
+    ) -> Patched:
         async with self.lock(session_id, self.lock_wait):
             s = await self.session(session_id, now, principal)
             if not s.is_open:
@@ -541,7 +582,7 @@ class Uploads:
                 )
             completed = False
             if new_offset == s.size_bytes:
-                await self.complete(session_id, now)
+                await self._complete(session_id, now, None)  # a full disk: patch's 507
                 completed = True
         if interrupted:
             raise ApiError(BAD_REQUEST, "the upload body was interrupted")
@@ -691,7 +732,19 @@ class Uploads:
     async def complete(
         self, session_id: str, now: float, req: mp.CompleteRequest | None = None
     ) -> tuple[str, str]:
-        """Idempotent (rule 5): a repeat returns the same video and its current state."""
+        """Idempotent (rule 5): a repeat returns the same video and its current state. A full
+        disk (rule 9) is a 507; the session stays open and complete, so a repeat (or an empty
+        PATCH at the end) finishes it once there is room."""
+        try:
+            return await self._complete(session_id, now, req)
+        except OSError as e:
+            if not quotas.is_out_of_space(e):
+                raise
+            raise quotas.insufficient_storage("storing the upload") from None
+
+    async def _complete(
+        self, session_id: str, now: float, req: mp.CompleteRequest | None
+    ) -> tuple[str, str]:
         req = req or mp.CompleteRequest(None, None)
         s = await self.session(session_id, now)
         if s.status == COMPLETE:
