@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import hmac
 import os
 import secrets
@@ -86,7 +85,8 @@ class SessionSigner:
 
     def _mac(self, video_id: str, issued: str, nonce: str) -> str:
         msg = f"{video_id}.{issued}.{nonce}".encode()
-        return _b64u(hmac.new(self._secret, msg, hashlib.sha256).digest()[:MAC_BYTES])
+        # hmac.digest: one call into OpenSSL (a third of hmac.new(...).digest()'s cost)
+        return _b64u(hmac.digest(self._secret, msg, "sha256")[:MAC_BYTES])
 
     def mint(self, video_id: str, now: int) -> str:
         issued = f"{now & 0xFFFFFFFF:08x}"
