@@ -17,8 +17,8 @@ import jwt
 import pytest
 from aiohttp import web
 
-from control.app import make_app as control_app
 from control import nodes_credentials
+from control.app import make_app as control_app
 from control.auth import create_key
 from edge.app import ENGINE_KEY
 from edge.app import make_app as edge_app

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from sqlalchemy import select
 
-from control.app import make_app as control_app
 from control import nodes_credentials
+from control.app import make_app as control_app
 from control.auth import create_key, hash_key
 from edge.app import make_app as edge_app
 from origin.app import GUARD_KEY
