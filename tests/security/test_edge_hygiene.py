@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from edge.app import TOKENS_KEY
+from edge.app import FAST_MEMO_KEY, TOKENS_KEY
 from edge.app import make_app as make_edge
 from origin.app import make_app as make_origin
 from shield.app import make_app as make_shield
@@ -196,7 +196,7 @@ async def test_refused_requests_leave_nothing_behind(stack: Stack) -> None:
     port = int(stack.edge.rsplit(":", 1)[1])
     fast = stack.edge_app[FAST_PATH_KEY]
     assert isinstance(fast, FastPath)
-    memo = fast.key_of.parsed  # type: ignore[attr-defined]
+    memo = stack.edge_app[FAST_MEMO_KEY]
     verified = stack.edge_app[TOKENS_KEY]
     async with stack.session.get(stack.url()) as r:  # one real player
         assert r.status == 200
