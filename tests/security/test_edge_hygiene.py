@@ -227,20 +227,7 @@ async def test_refused_requests_leave_nothing_behind(stack: Stack) -> None:
     assert _rss_bytes() - rss0 < 64 * 1024 * 1024  # generous: was ~320 MiB for 2,000 x 100 KB
 
 
-@pytest.mark.parametrize(
-    "split_head",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="needs vodcore/server.py (_FastHandler.data_received): a head split over "
-                "writes must turn the fast path off for the connection; asked of its owner",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("split_head", [False, True])
 async def test_a_get_body_in_a_second_write_is_not_a_request(
     stack: Stack, split_head: bool
 ) -> None:
