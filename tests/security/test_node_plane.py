@@ -290,3 +290,21 @@ async def test_vod_nodes_create_list_revoke(tmp_path: Path) -> None:
     await db.dispose()
     code, _out, err = await vod("nodes", "revoke", "--data", data, cred_id)
     assert code == 1 and "no unrevoked" in err
+
+
+async def test_a_revoked_credential_loses_its_open_stream(
+    ctl: Control, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from control import purges
+
+    monkeypatch.setattr(purges, "PING_SECONDS", 0.05)  # the stream re-checks at each ping
+    url = ctl.url + "/v1/purges/stream?after=0&node=edge@revokee&tier=edge"
+    async with ctl.session.get(url, headers=ctl.auth("edge")) as r:
+        assert r.status == 200
+        db = make_engine(ctl.settings.db_url)
+        async with db.begin() as conn:
+            assert await nodes_credentials.revoke(conn, ctl.ids["edge"], 2.0)
+        await db.dispose()
+        rest = await asyncio.wait_for(r.content.read(), 20)  # the stream ends
+        assert rest is not None
+    assert (await ctl.call("GET", url.removeprefix(ctl.url), "edge"))[0] == 403
