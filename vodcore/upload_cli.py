@@ -141,14 +141,17 @@ def cmd_upload(args: argparse.Namespace) -> int:
                 )
                 return 1
             bar.update(uploader.offset - before)
-    resume.pop(fp, None)
-    _save_resume(resume)
     r = requests.post(
         f"{api}/v1/uploads/{entry['uploadSessionId']}/complete", headers=auth, timeout=30
     )
     if r.status_code != 202:
-        print(f"vod upload: complete failed: {api_error(r)}", file=sys.stderr)
+        # kept for a rerun: a 507 (the server's disk is full) leaves every byte committed,
+        # and the same command finishes the upload once there is room
+        hint = "; run the same command again later" if r.status_code == 507 else ""
+        print(f"vod upload: complete failed: {api_error(r)}{hint}", file=sys.stderr)
         return 1
+    resume.pop(fp, None)
+    _save_resume(resume)
     print(f"uploaded: videoId {video_id}", file=sys.stderr)
     if not args.wait:
         print(video_id)

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -268,3 +269,33 @@ def test_the_filesystem_store_never_shows_a_half_written_object(
     asyncio.run(go())
     assert not [p for p in root.rglob("*") if p.is_file()]  # no temporary file left
     assert outside.exists()  # a move that failed keeps its source
+
+
+def test_vod_upload_finishes_in_a_later_run_after_a_full_store(
+    tmp_path: Path, backend: Backend, stack: contextlib.ExitStack
+) -> None:
+    """`vod upload` against a full store: every byte is committed but storing fails (507), and
+    runs keep failing while the store is full; each run says so and keeps the resume entry, so
+    the run after room is freed finishes the same upload (no new one)."""
+    data = tmp_path / "var"
+    store = stack.enter_context(tmpfs(data / "store", 8))
+    live = start(stack, data, backend)
+    src = tmp_path / "clip.mp4"
+    src.write_bytes(os.urandom(2 * MiB))
+    filler = fill(store, 512 * 1024)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "VOD_API_KEY": live.key}
+    cmd = [sys.executable, "-m", "vodcore.cli", "upload", str(src), "--api", live.url]
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    first = run()
+    assert first.returncode == 1, first.stderr
+    second = run()
+    assert second.returncode == 1 and "507 insufficient_storage" in second.stderr, second.stderr
+    filler.unlink()
+    third = run()
+    assert third.returncode == 0, third.stderr
+    vids = live.rows(select(videos.c.id))
+    assert len(vids) == 1  # one upload, resumed twice
+    assert stored_source(live, str(vids[0]["id"])) == src.read_bytes()

@@ -22,8 +22,12 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.backends import Backend
+from tests.backends import ENV_NAMES, Backend
+from tests.conftest import free_port
+from tests.integration.test_control import _make_key
 from tests.integration.test_tus import OCTETS, LiveControl, patch, sid_of, stored_source
+from tests.procs import VodProcess, wait_http
+from vodcore.config import Settings
 
 SIZE = 48 * 1024 * 1024
 KILL_AFTER = 12 * 1024 * 1024  # on disk before the client dies
@@ -183,3 +187,68 @@ def test_a_stalled_body_shows_its_durable_bytes_before_it_times_out(
         check_kept_and_resume(live, url, vid, payload.read_bytes())
     finally:
         live.close()
+
+
+def test_a_killed_server_keeps_the_checkpointed_bytes(tmp_path: Path, payload: Path) -> None:
+    """`vod control` itself SIGKILLed mid-PATCH (no handler runs, nothing is flushed at the
+    end): the checkpoints already moved the offset, so the restarted server resumes from a
+    durable offset > 0 whose bytes are the client's. Before checkpoints, only a PATCH that
+    ended was ever committed: all of this one was lost. Embedded only (SQLite and `.part`
+    on this filesystem: the database outlives the process either way)."""
+    data = tmp_path / "var"
+    data.mkdir()
+    settings = Settings(data_dir=data)
+    env = dict.fromkeys(ENV_NAMES.values(), "")  # not a developer's own VOD_* settings
+    key = _make_key(settings, "creator")
+    auth = {"Authorization": f"Bearer {key}", "Tus-Resumable": "1.0.0"}
+
+    def serve(name: str) -> tuple[VodProcess, str]:
+        port = free_port()
+        p = VodProcess(["control", "--data", str(data), "--port", str(port)],
+                       tmp_path / f"{name}.log", env=env)  # fmt: skip
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=p.proc)
+        return p, f"http://127.0.0.1:{port}"
+
+    first, api = serve("control-1")
+    curl = None
+    try:
+        r = requests.post(f"{api}/v1/tus/", headers={**auth, "Upload-Length": str(SIZE)},
+                          timeout=30)  # fmt: skip
+        assert r.status_code == 201, r.text
+        sid, vid = sid_of(r.headers["Location"]), r.headers["X-Video-Id"]
+        part = settings.uploads_dir / f"{sid}.part"
+        curl = subprocess.Popen(
+            ["curl", "-sS", "-X", "PATCH", "--limit-rate", "8M", "-T", str(payload),
+             "-H", f"Authorization: {auth['Authorization']}", "-H", "Tus-Resumable: 1.0.0",
+             "-H", f"Content-Type: {OCTETS}", "-H", "Upload-Offset: 0", f"{api}/v1/tus/{sid}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(lambda: part.exists() and part.stat().st_size >= KILL_AFTER, "12 MiB on disk")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        if curl is not None:
+            curl.kill()
+            curl.wait(10)
+        first.stop()
+    second, api = serve("control-2")
+    try:
+        url = f"{api}/v1/tus/{sid}"
+        h = requests.head(url, headers=auth, timeout=30)
+        offset = int(h.headers["Upload-Offset"])
+        assert offset >= KILL_AFTER - 8 * 1024 * 1024  # at most a second's bytes are lost
+        data_bytes = payload.read_bytes()
+        with open(part, "rb") as f:
+            assert f.read(offset) == data_bytes[:offset]
+        r = requests.patch(
+            url,
+            headers={**auth, "Content-Type": OCTETS, "Upload-Offset": str(offset)},
+            data=data_bytes[offset:],
+            timeout=60,
+        )
+        assert r.status_code == 204, r.text
+        stored = (settings.store_dir / "source" / vid / "original").read_bytes()
+        assert hashlib.sha256(stored).digest() == hashlib.sha256(data_bytes).digest()
+    finally:
+        assert second.stop() == 0, second.output()
+    assert "Traceback" not in second.output(), second.output()
