@@ -13,8 +13,10 @@ A body is written once, in place: under the lock, the file is cut at the positio
 written there (hashed on the way when it came with `Upload-Checksum`) and fsynced; the caller
 then moves the database offset by a compare-and-set. If anything fails before that CAS (a
 checksum mismatch, a body past `Upload-Length`, a body cut short while a checksum was promised,
-the CAS itself), the file is cut back to the position, so nothing of the body is kept. A body cut
-short without a checksum keeps what arrived (tus §6 PATCH: store as much as possible).
+the CAS itself, a full disk), the file is cut back to the position, so nothing of the body is
+kept. A body cut short without a checksum keeps what arrived (tus §6 PATCH: store as much as
+possible), and a long one checkpoints on the way (fsync, then the offset's CAS, about once a
+second), after which an error cuts the file back to the last checkpoint only.
 """
 
 from __future__ import annotations

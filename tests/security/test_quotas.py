@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from tests.backends import Backend
 from tests.integration.test_tus import OCTETS, LiveControl, patch
+from tests.s3server import REGION, S3Server
 from vodcore.db.schema import upload_sessions, videos
 
 QUOTA = 100_000
@@ -146,5 +147,32 @@ def test_racing_creations_cannot_both_pass_a_quota_that_fits_one(
             for t in threads:
                 t.join(60)
             assert sorted(statuses) == [201, 413], statuses
+    finally:
+        live.close()
+
+
+@pytest.mark.own_backends
+def test_direct_to_s3_creation_is_checked_before_s3_is_asked(tmp_path: Path, s3: S3Server) -> None:
+    """`method: "s3-multipart"` passes the same checks, before a multipart upload is created:
+    a refused creation leaves nothing in the bucket either."""
+    live = LiveControl(
+        tmp_path / "var",
+        quota_bytes_per_key=QUOTA,
+        min_free_bytes=0,
+        s3_bucket=s3.bucket,
+        s3_endpoint_url=s3.endpoint_url,
+        s3_region=REGION,
+        s3_prefix="quota",
+    )
+    try:
+        r = requests.post(
+            f"{live.url}/v1/uploads",
+            headers={"Authorization": live.auth()["Authorization"]},
+            json={"title": "t", "sizeBytes": QUOTA + 1, "method": "s3-multipart"},
+            timeout=30,
+        )
+        assert r.status_code == 413 and error_code(r) == "quota_exceeded", r.text
+        held = s3.client().list_multipart_uploads(Bucket=s3.bucket, Prefix="quota/")
+        assert not held.get("Uploads")
     finally:
         live.close()
