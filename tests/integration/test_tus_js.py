@@ -63,22 +63,29 @@ def stored_source(live: LiveControl, vid: str) -> bytes:
     return run_sync(lambda: read_object(live.settings, source_key(vid)))
 
 
-def test_tus_js_client_retries_after_a_cut(node: str, live: LiveControl, tmp_path: Path) -> None:
+def test_tus_js_client_retries_after_a_cut(node: str, backend: Backend, tmp_path: Path) -> None:
     payload = os.urandom(3 * 1024 * 1024 + 777)
     src = tmp_path / "movie.mp4"
     src.write_bytes(payload)
-    proxy = CuttingProxy(int(live.url.rsplit(":", 1)[1]), cut_after_bytes=1_300_000)
+    # The proxy is the server's public address (`public_control_url`: upload URLs never come
+    # from Host), so the client's PATCHes go through it too; it learns the server's port after.
+    proxy = CuttingProxy(0, cut_after_bytes=1_300_000)
+    live = LiveControl(tmp_path / "var", **backend.overrides(), public_control_url=proxy.url)
     try:
-        report = run_client(node, f"{proxy.url}/v1/tus/", src, live.key, "--chunk", "524288")
+        proxy.upstream = ("127.0.0.1", int(live.url.rsplit(":", 1)[1]))
+        try:
+            report = run_client(node, f"{proxy.url}/v1/tus/", src, live.key, "--chunk", "524288")
+        finally:
+            proxy.close()
+        assert report["state"] == "done"
+        assert proxy.cuts == 1 and report["retries"] >= 1  # the cut PATCH was retried
+        assert report["patches"] >= 6  # 3 MiB in 512 KiB chunks, the first on the POST
+        assert report["videoId"] and report["url"].startswith(proxy.url + "/v1/tus/us_")
+        assert sha256(stored_source(live, report["videoId"])) == sha256(payload)
+        v = requests.get(f"{live.url}/v1/videos/{report['videoId']}", timeout=10).json()
+        assert v["state"] == "UPLOADED" and v["title"] == "movie.mp4"
     finally:
-        proxy.close()
-    assert report["state"] == "done"
-    assert proxy.cuts == 1 and report["retries"] >= 1  # the cut PATCH was retried
-    assert report["patches"] >= 6  # 3 MiB in 512 KiB chunks, the first on the POST
-    assert report["videoId"] and report["url"].startswith(proxy.url + "/v1/tus/us_")
-    assert sha256(stored_source(live, report["videoId"])) == sha256(payload)
-    v = requests.get(f"{live.url}/v1/videos/{report['videoId']}", timeout=10).json()
-    assert v["state"] == "UPLOADED" and v["title"] == "movie.mp4"
+        live.close()
 
 
 def test_tus_js_client_resumes_in_a_second_run(
