@@ -39,6 +39,7 @@ FD_RESERVE_MAX = 4096
 
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
+    # Seconds; 0 turns a timeout off (aiohttp's keep-alive: never close an idle connection).
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keepalive_timeout: float = 15.0

@@ -9,6 +9,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import math
 import sys
 import time as _time
 import weakref
@@ -341,7 +342,7 @@ class _GuardedHandler(RequestHandler):
         guard.peers.add(ip)
         super().connection_made(transport)
         # the first head is due `header_timeout` after the connect
-        self._arm_head(self._loop.time() + guard.limits.header_timeout)
+        self._arm_head()
         guard.waiting[self] = None
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -368,7 +369,7 @@ class _GuardedHandler(RequestHandler):
             if self._head_deadline:
                 self._head_done()
             payload = self._messages[-1][1]
-            if self._body_handle is None and not payload.is_eof():
+            if self._body_handle is None and self._guard.body_period > 0 and not payload.is_eof():
                 self._watch_body(payload)
         elif data:
             if not self._head_deadline:
@@ -376,7 +377,7 @@ class _GuardedHandler(RequestHandler):
                 if waiter is None or waiter.done():
                     return  # a handler runs (these are body bytes): no head is due
                 # the first bytes of the next head, on an idle keep-alive connection
-                self._arm_head(self._loop.time() + self._guard.limits.header_timeout)
+                self._arm_head()
                 self._guard.waiting[self] = None
             self._head_partial = True
 
@@ -385,8 +386,12 @@ class _GuardedHandler(RequestHandler):
         self._head_partial = False
         self._guard.waiting.pop(self, None)
 
-    def _arm_head(self, deadline: float) -> None:
-        self._head_deadline = deadline
+    def _arm_head(self) -> None:
+        timeout = self._guard.limits.header_timeout
+        if timeout <= 0:  # no head timeout: a head is still due (evictable), never late
+            self._head_deadline = math.inf
+            return
+        self._head_deadline = deadline = self._loop.time() + timeout
         if self._head_handle is None:
             self._head_handle = self._loop.call_at(deadline, self._on_head_timer)
 

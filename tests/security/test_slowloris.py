@@ -246,3 +246,19 @@ async def test_a_slow_but_flowing_body_is_not_cut(tmp_path: Path) -> None:
             w.close()
         assert head.startswith(b"HTTP/1.1 204 "), head
         assert f"upload-offset: {n * chunk}".encode() in head.lower()
+
+
+async def test_timeouts_set_to_zero_are_off(tmp_path: Path) -> None:
+    """0 turns the head and body timeouts off (not: close at once)."""
+    limits = ServerLimits(header_timeout=0, body_timeout=0)
+    async with serve("control", tmp_path, limits) as live:
+        r, w = await open_from(live.port)
+        try:
+            w.write(b"GET /healthz HTTP/1.1\r\n")
+            await w.drain()
+            await asyncio.sleep(0.3)
+            w.write(b"Host: t\r\n\r\n")
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            w.close()
+        assert head.startswith(b"HTTP/1.1 200 ")
