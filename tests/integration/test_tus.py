@@ -145,6 +145,12 @@ class LiveControl:
             for runner in self.runners:
                 await runner.cleanup()
             await self.engine.dispose()
+            # what the servers left (a connection's task still waiting on a dead client) ends
+            # here, not as "Task was destroyed but it is pending!" in a later test's log
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
 
         try:
             self.call(stop())
