@@ -11,11 +11,11 @@ descriptors until `/healthz` stopped answering):
    excess is closed at once. Only the tiers that face the public get a cap: a shield or an
    origin sees every request of the tier below from a handful of addresses.
 5. Connections never use the last `fd_reserve` file descriptors of the process: when the
-   budget is spent, the connection waiting longest for a request head (one that has not sent
-   its first head yet, or is half-way through one) yields its slot to the new one, as nginx
-   reuses idle keep-alive connections when out of connections; with none waiting, the new
-   one is closed. The reserve keeps `/healthz`, the database, upstream sockets and cache
-   files working under any connection flood.
+   budget is spent, the connections waiting longest for a request head (ones that have not
+   sent their first head yet, or are half-way through one) yield their slots to the new
+   one, as nginx reuses idle keep-alive connections when out of connections; with none
+   waiting, the new one is closed. The reserve keeps `/healthz`, the database, upstream
+   sockets and cache files working under any connection flood.
 
 The decision for a new connection is `admit()`, a table of outcomes over plain values; the
 caller (vodcore/server.py) owns the sockets and the clock.
@@ -32,6 +32,11 @@ from vodcore.config import Settings
 
 # Tiers whose listeners face players and creators (rule 4).
 PUBLIC_TIERS = frozenset({"edge", "control"})
+
+# Connections closed per admission past the budget: an evicted connection's descriptor is
+# freed an event-loop turn later, so one-for-one would let a burst of accepts stay over the
+# budget (and turn new connections, /healthz's too, away as FULL); this regains it quickly.
+EVICT_BATCH = 16
 
 FD_RESERVE_MIN = 64
 FD_RESERVE_MAX = 4096

@@ -13,6 +13,7 @@ import math
 import sys
 import time as _time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, cast
 
@@ -29,6 +30,7 @@ from aiohttp.web_server import Server
 from vodcore.config import Settings
 from vodcore.connlimits import (
     BODY_CHECKS,
+    EVICT_BATCH,
     Admit,
     BodyWatch,
     PeerCounts,
@@ -257,7 +259,9 @@ class _Guard:
     def __init__(self, limits: ServerLimits, tier: str) -> None:
         self.limits = limits
         self.peers = PeerCounts()
-        self.waiting: dict[_GuardedHandler, None] = {}
+        # An OrderedDict, not a dict: taking the oldest of a dict whose front was deleted
+        # scans the deleted slots (O(n) per eviction under a flood); this is a linked list.
+        self.waiting: OrderedDict[_GuardedHandler, None] = OrderedDict()
         fd_limit = raise_fd_limit()
         self.fd_reserve = fd_reserve(fd_limit)
         self.fd_ceiling = fd_limit - self.fd_reserve
@@ -333,10 +337,11 @@ class _GuardedHandler(RequestHandler):
             transport.close()
             return
         if verdict is Admit.EVICT_WAITING:
-            victim = next(iter(guard.waiting))
-            del guard.waiting[victim]
-            guard.closed["evicted"].inc()
-            victim.force_close()
+            # several at once: a burst of accepts must not outrun the freeing of descriptors
+            for _ in range(min(EVICT_BATCH, len(guard.waiting))):
+                victim, _none = guard.waiting.popitem(last=False)
+                guard.closed["evicted"].inc()
+                victim.force_close()
         self._admitted = True
         self._peer = ip
         guard.peers.add(ip)
