@@ -46,7 +46,9 @@ Rules:
    multipart upload.
 9. Disk and quotas. A creation passes `control/quotas.py` first (the key's quota: 413, its
    open uploads: 429, free space: 507), checked again in the creation's transaction so two
-   racing creations cannot both pass. A full disk (ENOSPC, EDQUOT) anywhere later (a body, a
+   racing creations cannot both pass. A PATCH whose Content-Length the uploads filesystem
+   cannot take (keeping the headroom) is a 507 before its body is read. A full disk (ENOSPC,
+   EDQUOT) anywhere later (a body, a
    checkpoint's fsync, the S3 buffer or state file, the move into the store) is a 507
    `insufficient_storage`, never a 500: the file is cut back to the committed offset (rule
    3), the store holds no half-written object (it writes a temporary name, then renames),
@@ -570,6 +572,15 @@ class Uploads:
             tp.check_offset(offset, s.offset)
             tp.check_fits(offset, content_length, s.size_bytes)
             state = await asyncio.to_thread(mp.load_state, self.dir, s.id)
+            if content_length and (state is None or state.method == mp.METHOD_TUS):
+                # a body that cannot fit (keeping the headroom) is refused before it is read
+                free = await asyncio.to_thread(quotas.free_bytes, self.dir)
+                try:
+                    quotas.check_space(self.limits(), content_length, free)
+                except ApiError as e:
+                    e.headers["Upload-Offset"] = str(s.offset)
+                    e.extra["offset"] = s.offset
+                    raise
             if state is None:
                 new_offset, interrupted = await self._commit(s, body, content_length, checksum)
             elif state.method == mp.METHOD_TUS:

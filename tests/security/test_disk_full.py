@@ -3,10 +3,11 @@ and loses nothing already committed. Each test mounts a REAL small tmpfs (we are
 in CI) as the uploads or the store directory, fills it, and unmounts it afterwards:
 
 - a declared length the filesystem cannot take (keeping `min_free_bytes`) is refused up front;
-- a PATCH that meets ENOSPC (O_DIRECT and buffered writes alike: tmpfs takes O_DIRECT on this
-  kernel) is a 507 whose offset is the last committed byte, `.part` is cut back to it, and the
-  client resumes once there is room, ending with the right sha256; a slow body that
-  checkpointed keeps its checkpoints;
+- a PATCH whose Content-Length cannot fit is a 507 before its body is read; one that meets
+  ENOSPC mid-body (chunked: no length; O_DIRECT and buffered writes alike: tmpfs takes
+  O_DIRECT on this kernel) is a 507 whose offset is the last committed byte, `.part` is cut
+  back to it, and the client resumes once there is room, ending with the right sha256; a
+  slow body that checkpointed keeps its checkpoints;
 - the move into the store failing for room (the store on its own filesystem: a copy) is a 507,
   no half-written object is visible, and an empty PATCH at the end finishes the upload later;
 - tus on S3: the local part buffer filling is a 507 too, resumable;
@@ -69,6 +70,12 @@ def fill(path: Path, leave: int) -> Path:
     with open(filler, "wb") as f:
         f.write(b"\0" * max(0, free(path) - leave))
     return filler
+
+
+def chunked(data: bytes) -> Iterator[bytes]:
+    """A body sent with chunked framing (requests: a generator), so no length is declared."""
+    for i in range(0, len(data), 256 * 1024):
+        yield data[i : i + 256 * 1024]
 
 
 def error_of(r: requests.Response) -> dict[str, str]:
@@ -144,7 +151,7 @@ def test_a_patch_meeting_a_full_disk_is_507_and_resumes(
     body = os.urandom(10 * MiB)
     url, vid = live.create(len(body))
     filler = fill(uploads, 5 * MiB)
-    r = patch(url, live.auth(), 0, body)
+    r = patch(url, live.auth(), 0, chunked(body))  # no length: the disk fills mid-body
     assert r.status_code == 507, r.text
     assert error_of(r)["code"] == "insufficient_storage"
     offset = int(r.headers["Upload-Offset"])
@@ -156,6 +163,25 @@ def test_a_patch_meeting_a_full_disk_is_507_and_resumes(
     r = patch(url, live.auth(), offset, body[offset:])
     assert r.status_code == 204, r.text
     assert hashlib.sha256(stored_source(live, vid)).digest() == hashlib.sha256(body).digest()
+
+
+def test_a_patch_body_that_cannot_fit_is_refused_before_it_is_read(
+    tmp_path: Path, backend: Backend, stack: contextlib.ExitStack
+) -> None:
+    data = tmp_path / "var"
+    uploads = stack.enter_context(tmpfs(data / "uploads", 16))
+    live = start(stack, data, backend)
+    body = os.urandom(6 * MiB)
+    url, vid = live.create(len(body))
+    assert patch(url, live.auth(), 0, body[: 1 * MiB]).status_code == 204
+    filler = fill(uploads, 2 * MiB)
+    r = patch(url, live.auth(), 1 * MiB, body[1 * MiB :])  # 5 MiB with its Content-Length
+    assert r.status_code == 507 and error_of(r)["code"] == "insufficient_storage", r.text
+    assert r.headers["Upload-Offset"] == str(1 * MiB)
+    assert (uploads / f"{sid_of(url)}.part").stat().st_size == 1 * MiB
+    filler.unlink()
+    assert patch(url, live.auth(), 1 * MiB, body[1 * MiB :]).status_code == 204
+    assert stored_source(live, vid) == body
 
 
 def test_a_slow_patch_keeps_its_checkpoints_when_the_disk_fills(
@@ -172,14 +198,14 @@ def test_a_slow_patch_keeps_its_checkpoints_when_the_disk_fills(
     src.write_bytes(body)
     url, vid = live.create(len(body))
     filler = fill(uploads, 17 * MiB)
-    out = subprocess.run(
-        ["curl", "-sS", "-X", "PATCH", "--limit-rate", "4M", "-T", str(src),
+    out = subprocess.run(  # from stdin: chunked, no length to refuse up front
+        ["curl", "-sS", "-X", "PATCH", "--limit-rate", "4M", "-T", "-",
          "-H", f"Authorization: {live.auth()['Authorization']}", "-H", "Tus-Resumable: 1.0.0",
          "-H", f"Content-Type: {OCTETS}", "-H", "Upload-Offset: 0",
          "-o", "/dev/null", "-w", "%{http_code}", url],
-        capture_output=True, text=True, timeout=120, check=False,
+        stdin=src.open("rb"), capture_output=True, timeout=120, check=False,
     )  # fmt: skip
-    assert out.stdout == "507", out
+    assert out.stdout == b"507", out
     offset = head_offset(live, url)
     assert offset >= 4 * MiB
     assert (uploads / f"{sid_of(url)}.part").read_bytes() == body[:offset]
@@ -235,7 +261,7 @@ def test_tus_on_s3_buffer_full_is_507_and_resumes(
     body = os.urandom(12 * MiB)
     url, vid = live.create(len(body))
     filler = fill(uploads, 3 * MiB)
-    r = patch(url, live.auth(), 0, body)
+    r = patch(url, live.auth(), 0, chunked(body))
     assert r.status_code == 507, r.text
     assert error_of(r)["code"] == "insufficient_storage"
     offset = head_offset(live, url)
