@@ -48,13 +48,12 @@ Rules:
    open uploads: 429, free space: 507), checked again in the creation's transaction so two
    racing creations cannot both pass. A PATCH whose Content-Length the uploads filesystem
    cannot take (keeping the headroom) is a 507 before its body is read. A full disk (ENOSPC,
-   EDQUOT) anywhere later (a body, a
-   checkpoint's fsync, the S3 buffer or state file, the move into the store) is a 507
-   `insufficient_storage`, never a 500: the file is cut back to the committed offset (rule
-   3), the store holds no half-written object (it writes a temporary name, then renames),
-   and the client resumes once there is room: from HEAD's offset, or, when the last byte
-   was committed but storing failed, with an empty PATCH at the end (or a repeat of the
-   completion request).
+   EDQUOT) anywhere later (a body, a checkpoint's fsync, the S3 buffer or state file, the
+   move into the store) is a 507 `insufficient_storage`, never a 500: the file is cut back
+   to the committed offset (rule 3), the store holds no half-written object (it writes a
+   temporary name, then renames), and the client resumes once there is room: from HEAD's
+   offset, or, when the last byte was committed but storing failed, with an empty PATCH at
+   the end (or a repeat of the completion request).
 """
 
 from __future__ import annotations
