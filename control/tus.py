@@ -12,8 +12,9 @@ mismatch or a PATCH racing another, 410 expired, 412 wrong `Tus-Resumable`, 413 
 `quota_exceeded` (the key's storage quota), 415 wrong PATCH `Content-Type`, 429
 `too_many_uploads` (the key's open uploads), 460 checksum mismatch, 507
 `insufficient_storage` (no room for the declared length or a PATCH's Content-Length, or the
-disk filled during a PATCH: its `Upload-Offset` is where to resume). Creation's refusals (413/429/507) come before a byte
-of a creation-with-upload body is read (`control/quotas.py`).
+disk filled during a PATCH: its `Upload-Offset` is where to resume). Creation's refusals
+(413/429/507) come before a byte of a creation-with-upload body is read
+(`control/quotas.py`).
 """
 
 from __future__ import annotations
