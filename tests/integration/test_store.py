@@ -258,3 +258,13 @@ async def test_bad_keys_refused(case: Case, key: str) -> None:
         await case.store.delete(key)
     with pytest.raises(BadPath):
         await case.store.list("../")
+
+
+async def test_fs_objects_are_readable_like_other_media(tmp_path: Path) -> None:
+    """put_bytes writes through a mkstemp temporary (0600): the object must come out 0644 like
+    the media ffmpeg writes, or an origin running as another user cannot serve it (issue 11:
+    quality.json was the one 0600 file of a version)."""
+    store = _fs_case(tmp_path / "store").store
+    await store.put_bytes("media/v1/1/quality.json", b"{}")
+    mode = (tmp_path / "store" / "media/v1/1/quality.json").stat().st_mode & 0o777
+    assert mode == 0o644

@@ -31,6 +31,9 @@ def _atomic_write(dst: Path, fill: Callable[[BinaryIO], object]) -> None:
     """Write through a hidden temporary file in dst's directory, fsync, then rename."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+    # mkstemp makes 0600 files: stored objects are readable like any other media (0644), so
+    # an origin running as another user serves them and quality.json is not the odd one out.
+    os.fchmod(fd, 0o644)
     try:
         with os.fdopen(fd, "wb") as out:
             fill(out)
