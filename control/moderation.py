@@ -57,6 +57,9 @@ from vodcore.lifecycle import Event, IllegalTransition, State, next_state
 from vodcore.purge import Purge
 from vodcore.store import ObjectNotFound, ObjectStore
 
+# what `?refusals=1` on /v1/cutoffs says of a taken-down video (origin.takedowns.Refusal)
+_REFUSALS = {State.BLOCKED.value: "blocked", State.DELETED.value: "deleted"}
+
 MOVES_AT_ONCE = 16  # concurrent object moves (S3: one copy and one delete request each)
 MAX_REASON = 2000
 
@@ -340,10 +343,19 @@ class Moderation:
             }
         )
 
-    async def cutoffs(self, _request: web.Request) -> web.Response:
-        """Every video's revocation cutoff, for a node that (re)starts."""
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(video_cutoffs))).all()
-        return web.json_response(
-            {r.video_id: r.cutoff for r in rows}, headers={"Cache-Control": "no-store"}
+    async def cutoffs(self, request: web.Request) -> web.Response:
+        """Every video's revocation cutoff, for a node that (re)starts: `{videoId: cutoff}`.
+        With `?refusals=1`, `{cutoffs, refusals: {videoId: "blocked"|"deleted"}}`, so an edge
+        that resumes the log past a takedown still answers an old token 451/410 as the
+        playback API does (issue 11); the plain shape stays for nodes that do not ask."""
+        stmt = select(video_cutoffs.c.video_id, video_cutoffs.c.cutoff, videos.c.state).select_from(
+            video_cutoffs.outerjoin(videos, videos.c.id == video_cutoffs.c.video_id)
         )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        cutoffs = {r.video_id: r.cutoff for r in rows}
+        body: dict[str, Any] = cutoffs
+        if request.query.get("refusals") == "1":
+            refusals = {r.video_id: _REFUSALS[r.state] for r in rows if r.state in _REFUSALS}
+            body = {"cutoffs": cutoffs, "refusals": refusals}
+        return web.json_response(body, headers={"Cache-Control": "no-store"})

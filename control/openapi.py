@@ -541,6 +541,16 @@ def _schemas(max_upload_bytes: int) -> dict[str, Schema]:
         "Reason": _obj({"reason": {"type": "string", "minLength": 1, "maxLength": 2000}}),
         "Takedown": takedown,
         "Cutoffs": {"type": "object", "additionalProperties": number},
+        "CutoffsWithRefusals": _obj(
+            {
+                "cutoffs": {"type": "object", "additionalProperties": number},
+                "refusals": {
+                    "type": "object",
+                    "additionalProperties": {"enum": ["blocked", "deleted"]},
+                },
+            },
+            ["cutoffs", "refusals"],
+        ),
         "Rotated": _obj(
             {"kid": string, "published": {"type": "array", "items": string}, "seq": integer},
             ["kid", "published", "seq"],
@@ -1136,11 +1146,22 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
                 "Every video's token cutoff (for caching nodes)",
                 "moderation",
                 {
-                    **_ok(200, _ref("Cutoffs"), "`{videoId: epoch seconds}`."),
+                    **_ok(
+                        200,
+                        {"anyOf": [_ref("Cutoffs"), _ref("CutoffsWithRefusals")]},
+                        "`{videoId: epoch seconds}`; with `refusals=1`, `{cutoffs, refusals}`.",
+                    ),
                     **_errors(401, 403),
                 },
                 security=NODE,
                 limited=lim("/v1/cutoffs"),
+                parameters=[
+                    _query(
+                        "refusals",
+                        {"type": "string"},
+                        "`1`: also say why each taken-down video is refused (blocked/deleted).",
+                    )
+                ],
             ),
         },
         "/v1/purges": {

@@ -169,13 +169,19 @@ def track_cutoffs(
 
     async def reload(session: aiohttp.ClientSession) -> None:
         async with session.get(
-            f"{control}/v1/cutoffs",
+            f"{control}/v1/cutoffs?refusals=1",
             timeout=aiohttp.ClientTimeout(total=10),
             headers=node_headers(credential),
         ) as r:
-            if r.status == 200:
-                for vid, cutoff in (await r.json()).items():
-                    cutoffs[vid] = max(cutoffs.get(vid, 0.0), float(cutoff))
+            if r.status != 200:
+                return
+            doc = await r.json()
+        # a control older than `?refusals=1` answers the plain `{videoId: cutoff}`
+        plain = not isinstance(doc.get("cutoffs"), dict)
+        for vid, cutoff in (doc if plain else doc["cutoffs"]).items():
+            cutoffs[vid] = max(cutoffs.get(vid, 0.0), float(cutoff))
+        if not plain and takedowns is not None and isinstance(doc.get("refusals"), dict):
+            takedowns.assume(doc["refusals"])  # why: 451/410 for old tokens after a restart
 
     engine.purge_hooks.append(on_purge)
     if engine.feed is not None:

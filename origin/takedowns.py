@@ -55,6 +55,13 @@ class Takedowns:
                 self._refused[vid] = after
         return True
 
+    def assume(self, refusals: dict[str, Refusal]) -> None:
+        """Take control's current refusals (`/v1/cutoffs?refusals=1`) as known: for a node
+        that resumes the log after the entries that made them. Later entries apply on top."""
+        for vid, refusal in refusals.items():
+            if refusal in ("blocked", "deleted"):
+                self._refused[vid] = refusal
+
     def refusal(self, video_id: str) -> Refusal | None:
         return self._refused.get(video_id)
 

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from control import nodes_credentials
 from control.app import make_app as control_app
 from control.auth import create_key, hash_key
+from edge.app import ENGINE_KEY as EDGE_ENGINE_KEY
 from edge.app import make_app as edge_app
 from origin.app import GUARD_KEY
 from origin.app import make_app as origin_app
@@ -56,6 +57,7 @@ class World:
     origin_app: web.Application
     runners: list[web.AppRunner]
     session: aiohttp.ClientSession
+    edge_settings: Settings
 
     async def call(
         self, method: str, path: str, body: Any = None, key: str | None = None
@@ -119,10 +121,11 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
     oapp = origin_app(settings, control_url=control)
     runners.append(await start_server(oapp, "127.0.0.1", 0, access_log=False))
     origin = await _url(runners[1])
+    edge_settings = Settings(
+        data_dir=tmp_path / "edge", upstream_timeout_seconds=3, node_credential=credential
+    )
     eapp = edge_app(
-        Settings(
-            data_dir=tmp_path / "edge", upstream_timeout_seconds=3, node_credential=credential
-        ),
+        edge_settings,
         [origin],
         tokens=True,
         control_url=control,
@@ -130,7 +133,7 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
     runners.append(await start_server(eapp, "127.0.0.1", 0, access_log=False))
     session = aiohttp.ClientSession()
     w = World(control, origin, await _url(runners[2]), operator, creator, settings, store, oapp,
-              runners, session)  # fmt: skip
+              runners, session, edge_settings)  # fmt: skip
     feed = oapp[GUARD_KEY].feed
     assert feed is not None and await feed.wait_caught_up(10)
     try:
@@ -243,6 +246,40 @@ async def test_block_makes_the_origin_refuse_and_unblock_lifts_it(world: World) 
     feed = o2[GUARD_KEY].feed
     assert feed is not None and await feed.wait_caught_up(10)
     assert (await w.get(f"{await _url(w.runners[-1])}/v/{VID}/1/seg-0.m4s"))[0] == 451
+
+
+async def test_a_restarted_edge_still_says_why_an_old_token_is_refused(world: World) -> None:
+    """Issue 11 item 10, across a restart: an edge that resumes the purge log after the block
+    and delete entries learns the cutoffs from `/v1/cutoffs`; it must still answer an old
+    token as the playback API does (451 blocked, 410 deleted), not 403 `bad_token`."""
+    w = world
+    status, token = await w.token()
+    assert status == 200 and token
+    assert (await w.get(f"{w.edge}/v/{VID}/{token}/1/seg-0.m4s"))[0] == 200
+
+    async def restarted_edge() -> str:
+        await w.runners[2].cleanup()  # the edge stops; its applied purge seq stays on disk
+        eapp = edge_app(w.edge_settings, [w.origin], tokens=True, control_url=w.control)
+        w.runners[2] = await start_server(eapp, "127.0.0.1", 0, access_log=False)
+        feed = eapp[EDGE_ENGINE_KEY].feed
+        assert feed is not None and await feed.wait_caught_up(10)
+        return f"{await _url(w.runners[2])}/v/{VID}/{token}/1/seg-0.m4s"
+
+    code, doc = await w.call("POST", f"/v1/videos/{VID}/block", {"reason": "court order"})
+    assert code == 200
+    await w.until_complete(doc["purgeId"])
+    status, body, _h = await w.get(await restarted_edge())
+    assert status == 451 and b'"blocked"' in body
+    code, doc = await w.call("DELETE", f"/v1/videos/{VID}?reason=spam")
+    assert code == 200
+    await w.until_complete(doc["purgeId"])
+    status, body, _h = await w.get(await restarted_edge())
+    assert status == 410 and b'"gone"' in body
+    # and the node endpoint keeps its old shape for nodes that do not ask for the reasons
+    async with w.session.get(
+        f"{w.control}/v1/cutoffs", headers={"Authorization": f"Bearer {w.settings.node_credential}"}
+    ) as r:
+        assert r.status == 200 and isinstance((await r.json())[VID], float)
 
 
 async def test_a_rerun_finishes_a_move_a_crash_cut_short(world: World) -> None:
