@@ -259,4 +259,3 @@ async def test_a_get_body_in_a_second_write_is_not_a_request(
     finally:
         sock.close()
     assert data.count(b"HTTP/1.1 ") == 1, data[:400]
-
