@@ -173,8 +173,8 @@ def get(
         return e.code, dict(e.headers.items()), e.read()
 
 
-def get_json(url: str) -> Any:
-    return json.loads(get(url)[2])
+def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    return json.loads(get(url, headers)[2])
 
 
 def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> Any:

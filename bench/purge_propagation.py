@@ -45,7 +45,7 @@ def main() -> None:
         while time.monotonic() < deadline:  # every node connected to the stream
             pid = h.post_json(f"{control}/v1/purges", {"prefix": "/warm-up/"}, auth)["purgeId"]
             time.sleep(0.3)
-            if len(h.get_json(f"{control}/v1/purges/{pid}")["nodes"]) >= nodes:
+            if len(h.get_json(f"{control}/v1/purges/{pid}", auth)["nodes"]) >= nodes:
                 break
         else:
             raise h.BenchError("not every node connected to the purge stream")

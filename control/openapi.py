@@ -1223,9 +1223,10 @@ def document(max_upload_bytes: int) -> dict[str, Any]:
             "get": _op(
                 "Which nodes applied a purge",
                 "purges",
-                {**_ok(200, _ref("PurgeStatus"), "Its status."), **_errors(404)},
-                security=NO_KEY,
+                {**_ok(200, _ref("PurgeStatus"), "Its status."), **_errors(401, 403, 404)},
+                security=KEY_REQUIRED,
                 parameters=[_path_param("id", PURGE_ID, "A purge id (`purgeId`).")],
+                operator=True,
             ),
         },
     }

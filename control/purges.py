@@ -155,6 +155,8 @@ class Purges:
         self._wake()
 
     async def status(self, request: web.Request) -> web.Response:
+        # operators only: the answer names every node (tier, host, port, pid) of the fleet
+        await authenticate(self.engine, request, roles=("operator",))
         pid = request.match_info["id"]
         now = time.time()
         async with self.engine.connect() as conn:

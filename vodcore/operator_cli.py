@@ -31,12 +31,12 @@ def _auth(args: argparse.Namespace) -> dict[str, str] | None:
     return {"Authorization": f"Bearer {key}"} if key else None
 
 
-def report(api: str, purge_id: str, timeout: float) -> int:
+def report(api: str, purge_id: str, timeout: float, auth: dict[str, str] | None) -> int:
     """Follow a purge until complete; print the per-node report. 0 when complete."""
     deadline = time.monotonic() + timeout
     doc: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        doc = requests.get(f"{api}/v1/purges/{purge_id}", timeout=10).json()
+        doc = requests.get(f"{api}/v1/purges/{purge_id}", headers=auth, timeout=10).json()
         if doc.get("complete"):
             break
         time.sleep(0.05)
@@ -77,7 +77,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return _fail(f"purge refused: {api_error(r)}")
     doc = r.json()
     print(f"purge {doc['purgeId']} (seq {doc['seq']}) accepted")
-    return report(api, doc["purgeId"], args.timeout) if args.wait else 0
+    return report(api, doc["purgeId"], args.timeout, auth) if args.wait else 0
 
 
 WHAT = {
@@ -112,7 +112,7 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     print(f"{WHAT[action]} log entry {doc['purgeId']} (seq {doc['seq']})")
     if args.no_wait:
         return 0
-    return report(api, doc["purgeId"], args.timeout)
+    return report(api, doc["purgeId"], args.timeout, auth)
 
 
 def cmd_signing(args: argparse.Namespace) -> int:

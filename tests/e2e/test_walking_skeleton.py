@@ -284,7 +284,8 @@ def test_upload_transcode_and_play_through_every_tier(
     assert r.status_code == 202, r.text
     deadline = time.monotonic() + 30
     while True:
-        doc = requests.get(f"{s.control}/v1/purges/{r.json()['purgeId']}", timeout=10).json()
+        doc = requests.get(f"{s.control}/v1/purges/{r.json()['purgeId']}", timeout=10,
+                           headers={"Authorization": f"Bearer {operator}"}).json()  # fmt: skip
         if doc["complete"] and {n["tier"] for n in doc["nodes"]} == {"edge", "shield", "origin"}:
             break
         assert time.monotonic() < deadline, doc

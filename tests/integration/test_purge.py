@@ -119,7 +119,11 @@ async def purge(w: World, body: object, key: str | None = None) -> aiohttp.Clien
 
 
 async def status(w: World, pid: str) -> dict[str, object]:
-    async with aiohttp.ClientSession() as s, s.get(f"{w.control}/v1/purges/{pid}") as r:
+    headers = {"Authorization": f"Bearer {w.operator}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as s,
+        s.get(f"{w.control}/v1/purges/{pid}") as r,
+    ):
         assert r.status == 200
         doc: dict[str, object] = await r.json()
         return doc
@@ -283,8 +287,12 @@ async def test_bad_purge_requests(world: World, body: object, role: str, status_
     key = {"operator": world.operator, "creator": world.creator, "none": "nope"}[role]
     r = await purge(world, body, key)
     assert r.status == status_
-    async with aiohttp.ClientSession() as s, s.get(f"{world.control}/v1/purges/pg_nope") as r2:
-        assert r2.status == 404
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{world.control}/v1/purges/pg_nope") as r2:
+            assert r2.status == 401  # the status of a purge is for operators
+        op = {"Authorization": f"Bearer {world.operator}"}
+        async with s.get(f"{world.control}/v1/purges/pg_nope", headers=op) as r2:
+            assert r2.status == 404
 
 
 async def test_an_edge_never_gets_pre_purge_bytes_back_from_a_lagging_shield(

@@ -82,7 +82,10 @@ class World:
         deadline = time.monotonic() + 10
         doc: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            async with self.session.get(f"{self.control}/v1/purges/{purge_id}") as r:
+            async with self.session.get(
+                f"{self.control}/v1/purges/{purge_id}",
+                headers={"Authorization": f"Bearer {self.operator}"},
+            ) as r:
                 doc = await r.json()
             if doc["complete"] and len(doc["nodes"]) >= nodes:
                 return

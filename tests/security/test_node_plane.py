@@ -41,6 +41,8 @@ class Control:
     session: aiohttp.ClientSession
 
     def auth(self, name: str | None) -> dict[str, str]:
+        if name == "operator":
+            return {"Authorization": f"Bearer {self.operator}"}
         return {"Authorization": f"Bearer {self.creds[name]}"} if name else {}
 
     async def call(
@@ -159,10 +161,10 @@ async def test_forged_acks_cannot_say_a_purge_was_applied(ctl: Control) -> None:
     assert code == 422 and doc["error"]["code"] == "validation_failed"
     # nor ack for a node another credential registered
     assert await ctl.ack("edge2", "edge@real", [seq2]) == 403
-    code, doc = await ctl.call("GET", f"/v1/purges/{pid2}")
+    code, doc = await ctl.call("GET", f"/v1/purges/{pid2}", "operator")
     assert code == 200 and not doc["complete"]
     assert [(n["node"], n["applied"]) for n in doc["nodes"]] == [("edge@real", False)]
-    assert (await ctl.call("GET", f"/v1/purges/{pid}"))[1]["complete"]
+    assert (await ctl.call("GET", f"/v1/purges/{pid}", "operator"))[1]["complete"]
 
 
 async def test_nodes_without_a_credential_never_hold_up_completion(ctl: Control) -> None:
@@ -178,8 +180,16 @@ async def test_nodes_without_a_credential_never_hold_up_completion(ctl: Control)
         assert r.status == 401
     pid, seq = await ctl.purge()
     assert await ctl.ack("edge", "edge@good", [seq]) == 200
-    _code, doc = await ctl.call("GET", f"/v1/purges/{pid}")
+    _code, doc = await ctl.call("GET", f"/v1/purges/{pid}", "operator")
     assert doc["complete"] and [n["node"] for n in doc["nodes"]] == ["edge@good"]
+
+
+async def test_purge_status_is_for_operators_only(ctl: Control) -> None:
+    """It names every node of the fleet (tier, host, port, pid): not for strangers or nodes."""
+    pid, _seq = await ctl.purge()
+    assert (await ctl.call("GET", f"/v1/purges/{pid}"))[0] == 401
+    assert (await ctl.call("GET", f"/v1/purges/{pid}", "edge"))[0] == 401
+    assert (await ctl.call("GET", f"/v1/purges/{pid}", "operator"))[0] == 200
 
 
 async def test_acks_are_bounded_per_request(ctl: Control) -> None:
@@ -249,7 +259,7 @@ async def test_a_follower_with_a_credential_completes_purges(ctl: Control) -> No
             assert await feed.wait_caught_up(10)
             pid, seq = await ctl.purge()
             for _ in range(200):
-                doc = (await ctl.call("GET", f"/v1/purges/{pid}"))[1]
+                doc = (await ctl.call("GET", f"/v1/purges/{pid}", "operator"))[1]
                 if doc["complete"]:
                     break
                 await asyncio.sleep(0.02)
