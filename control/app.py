@@ -23,7 +23,7 @@ from control.multipart import complete_request
 from control.negcache import NegativeCache
 from control.nodeauth import install as install_node_auth
 from control.openapi import OpenApi
-from control.playback_sessions import SessionSigner
+from control.playback_sessions import SessionGate, SessionSigner
 from control.purges import Purges
 from control.ratelimit import RateLimitConfig
 from control.ratelimit import install as install_rate_limits
@@ -126,6 +126,10 @@ def make_app(settings: Settings) -> web.Application:
         redis_url=settings.redis_url,
         min_watch_seconds=settings.min_watch_seconds,
         signer=sessions,
+        gate=SessionGate(
+            max_events_per_session=settings.playback_events_per_session,
+            max_sessions_per_ip=settings.playback_sessions_per_ip,
+        ),
         meta=videos.meta,
     )
     engagement.routes(app)

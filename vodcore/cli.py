@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except config.ConfigError as e:  # a bad setting: one line, not a traceback
+        print(f"vod: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

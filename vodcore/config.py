@@ -26,6 +26,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+SANDBOX_MODES = ("auto", "bwrap", "off")
+
+
+class ConfigError(ValueError):
+    """A setting has a value no tier can run with."""
+
+
 DEFAULT_PORTS = {"control": 8000, "edge": 8080, "shield": 8081, "origin": 8082}
 
 
@@ -116,6 +123,10 @@ class Settings:
     body_timeout_seconds: float = 30.0
     keepalive_timeout_seconds: float = 15.0
     max_connections_per_ip: int = 256  # 0: no cap
+    # Playback events count only with a session the playback API issued (control/
+    # playback_sessions.py): events per session, new sessions per client IP, per hour.
+    playback_events_per_session: int = 5000
+    playback_sessions_per_ip: int = 1000
     # Disk and quotas (control): bytes of sources per API key (0: no quota), open upload
     # sessions per key, and free space kept on the upload/store filesystem.
     quota_bytes_per_key: int = 100 * 1024**3
@@ -174,7 +185,12 @@ def load(config_file: str | os.PathLike[str] | None = None, **overrides: Any) ->
     clean = {k: v for k, v in overrides.items() if v is not None}
     if "data_dir" in clean:
         clean["data_dir"] = Path(clean["data_dir"])
-    return replace(s, **clean)
+    s = replace(s, **clean)
+    if s.ffmpeg_sandbox not in SANDBOX_MODES:
+        raise ConfigError(
+            f"ffmpeg_sandbox is {s.ffmpeg_sandbox!r}; expected one of {', '.join(SANDBOX_MODES)}"
+        )
+    return s
 
 
 def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
@@ -214,6 +230,8 @@ def _apply_toml(s: Settings, doc: dict[str, Any]) -> Settings:
         "rate_limit_ip_burst",
         "public_control_url",
         "ffmpeg_sandbox",
+        "playback_events_per_session",
+        "playback_sessions_per_ip",
         "node_credential",
         "node_ttl_seconds",
         "max_nodes_per_credential",
