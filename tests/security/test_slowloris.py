@@ -262,3 +262,20 @@ async def test_timeouts_set_to_zero_are_off(tmp_path: Path) -> None:
         finally:
             w.close()
         assert head.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_an_idle_keepalive_connection_is_closed(tier: str, tmp_path: Path) -> None:
+    """After its answer, a keep-alive connection that stays silent is closed after the idle
+    timeout (aiohttp's default was an hour)."""
+    limits = ServerLimits(header_timeout=60.0, keepalive_timeout=1.0)
+    async with serve(tier, tmp_path, limits) as live:
+        r, w = await open_from(live.port)
+        try:
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await r.readexactly(n)
+            assert await closed_by_server(r, within=15.0) == b""
+        finally:
+            w.close()
