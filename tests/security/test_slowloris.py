@@ -20,14 +20,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
 import pytest
 
+from tests.procs import wait_http
 from tests.security.wire import (
     Live,
+    _origin,
     closed_by_server,
     exchange,
     healthz,
@@ -279,3 +286,58 @@ async def test_an_idle_keepalive_connection_is_closed(tier: str, tmp_path: Path)
             assert await closed_by_server(r, within=15.0) == b""
         finally:
             w.close()
+
+
+async def test_a_real_edge_keeps_descriptors_for_itself_under_a_flood(tmp_path: Path) -> None:
+    """`vod edge` in a process limited to 512 descriptors (so 448 for connections, a reserve
+    of 64), flooded with 600 half-sent heads from eight addresses: the longest-waiting ones
+    yield their slots, /healthz answers, and a cache miss, which needs an upstream socket and
+    a cache file, is served; the process never runs out of descriptors."""
+    origin = await _origin()
+    port = int(await asyncio.to_thread(_free_port))
+    config = tmp_path / "vod.toml"
+    config.write_text("header_timeout_seconds = 60.0\nmax_connections_per_ip = 100\n")
+    log = tmp_path / "edge.log"
+    upstream = str(origin.make_url("")).rstrip("/")
+    edge = await asyncio.to_thread(_start_limited_edge, tmp_path, port, upstream, config, log)
+    try:
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/healthz", 30, edge)
+        sources = [f"127.0.3.{i}" for i in range(1, 9) for _ in range(75)]
+        async with sockets(port, sources) as conns:
+            assert await healthz(port, "127.0.0.1") == 200
+            status, _, body = await exchange(
+                port, b"GET /v/small/1/seg.m4s HTTP/1.1\r\nHost: t\r\n\r\n"
+            )
+            assert status == 200 and body == b"x" * 1024
+            got = await states(conns, within=1.0)
+            assert sum(g is None for g in got) <= 448
+            text = await metrics(port)
+        assert metric(text, "vod_connections_closed_total", tier="edge", reason="evicted") > 0
+    finally:
+        edge.terminate()
+        await asyncio.to_thread(edge.wait, 20)
+        await origin.close()
+    output = log.read_text(errors="replace")
+    assert "Too many open files" not in output and "EMFILE" not in output, output[-2000:]
+
+
+def _start_limited_edge(
+    tmp_path: Path, port: int, upstream: str, config: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vodcore.cli", "edge", "--config", str(config),
+             "--port", str(port), "--tokens", "off", "--upstream", upstream,
+             "--data", str(tmp_path / "edge")],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
