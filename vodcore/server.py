@@ -1,7 +1,10 @@
 """Thin shell shared by every tier's HTTP server: error and metrics middleware, /healthz,
 /metrics, uvloop, logging, and a graceful stop on SIGINT/SIGTERM (aiohttp's run_app drains
 in-flight requests for `shutdown_timeout` seconds before closing); and the hook for a tier's
-fast responder (`FAST_PATH_KEY`), which answers its commonest request below aiohttp."""
+fast responder (`FAST_PATH_KEY`), which answers its commonest request below aiohttp. Every
+connection is guarded (`_GuardedHandler`): request-head, body-stall and idle timeouts, a
+per-address cap and a file-descriptor budget (the policy is vodcore/connlimits.py), and the
+answers aiohttp gives itself (a malformed head, an escaped exception) are the JSON catalogue's."""
 
 from __future__ import annotations
 
