@@ -290,6 +290,18 @@ def _apply_env(s: Settings, env: os._Environ[str] | dict[str, str]) -> Settings:
         v = env.get(f"VOD_{name.upper()}")
         if v:
             changes[name] = v
+    for name, kind in (
+        ("header_timeout_seconds", float),
+        ("body_timeout_seconds", float),
+        ("keepalive_timeout_seconds", float),
+        ("max_connections_per_ip", int),
+    ):
+        v = env.get(f"VOD_{name.upper()}")
+        if v:
+            try:
+                changes[name] = kind(v)
+            except ValueError:
+                raise ConfigError(f"VOD_{name.upper()} is {v!r}: not a number") from None
     if env.get("VOD_DATA"):
         changes["data_dir"] = Path(env["VOD_DATA"])
     if env.get("VOD_DATABASE_URL"):

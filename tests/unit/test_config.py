@@ -46,3 +46,13 @@ def test_a_bad_sandbox_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOD_FFMPEG_SANDBOX", "nope")
     with pytest.raises(config.ConfigError, match="ffmpeg_sandbox"):
         config.load(None)
+
+
+def test_connection_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOD_HEADER_TIMEOUT_SECONDS", "2.5")
+    monkeypatch.setenv("VOD_MAX_CONNECTIONS_PER_IP", "9")
+    s = config.load(None)
+    assert s.header_timeout_seconds == 2.5 and s.max_connections_per_ip == 9
+    monkeypatch.setenv("VOD_MAX_CONNECTIONS_PER_IP", "lots")
+    with pytest.raises(config.ConfigError, match="VOD_MAX_CONNECTIONS_PER_IP"):
+        config.load(None)
