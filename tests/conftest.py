@@ -6,16 +6,21 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.backends import EMBEDDED, ENV_VAR, KINDS, REDIS_BASE_URL, Backend, Backends, shown
 from tests.pgdb import PG_URL
 from tests.s3server import S3Server
+from vodcore.config import Settings
+from vodcore.db.engine import create_schema, make_engine
 from vodcore.ffmpeg import ffmpeg_exe
+from vodcore.store import ObjectStore
+from vodcore.store.factory import close_store, make_store
 
 # Property tests check behaviour, not speed: no per-example deadline on shared, busy cores.
 settings.register_profile("vodstack", deadline=None)
@@ -124,3 +129,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# The metadata database and object store of a module's own `settings` fixture (the transcoder
+# and media-input suites); a module that needs another kind defines its own `engine`/`store`.
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    eng = make_engine(settings.db_url)
+    await create_schema(eng)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[ObjectStore]:
+    """The object store the pool writes to (`make_store`: the filesystem or S3)."""
+    st = make_store(settings)
+    yield st
+    await close_store(st)

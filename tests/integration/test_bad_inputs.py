@@ -15,7 +15,6 @@ import asyncio
 import re
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,11 +29,9 @@ from transcoder.manifests import parse_master, parse_media_playlist
 from transcoder.probe import Unplayable, probe
 from transcoder.worker import KIND, run_pool
 from vodcore.config import Settings
-from vodcore.db.engine import create_schema, make_engine
 from vodcore.db.schema import jobs
 from vodcore.ffmpeg import ffmpeg_exe
 from vodcore.store import ObjectStore
-from vodcore.store.factory import close_store, make_store
 
 FFMPEG = ffmpeg_exe()
 CASE_SECONDS = 45.0  # per pipeline run; a 2-3 s clip takes 1-3 s on a quiet machine
@@ -51,22 +48,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 def settings(tmp_path: Path, backend: Backend) -> Settings:
     # no VMAF report: these cases are about the source, not the ladder's quality
     return backend.settings(tmp_path / "data", quality_report=False)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    eng = make_engine(settings.db_url)
-    await create_schema(eng)
-    yield eng
-    await eng.dispose()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[ObjectStore]:
-    st = make_store(settings)
-    yield st
-    await close_store(st)
 
 
 async def run_jobs(settings: Settings, engine: AsyncEngine, n: int, slots: int) -> float:

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -48,23 +47,6 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(tmp_path: Path, backend: Backend) -> Settings:
     # 2 s segments so a 4 s clip shows segment alignment (the default is 6 s)
     return backend.settings(tmp_path / "data", segment_seconds=2.0)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    eng = make_engine(settings.db_url)
-    await create_schema(eng)
-    yield eng
-    await eng.dispose()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[ObjectStore]:
-    """The object store the pool writes to (`make_store`: the filesystem or S3)."""
-    st = make_store(settings)
-    yield st
-    await close_store(st)
 
 
 def ffmpeg_pids(settings: Settings) -> list[int]:

@@ -14,7 +14,6 @@ import asyncio
 import random
 import struct
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,10 +24,8 @@ from tests.integration.test_transcoder import add_video, run_until_done, video_r
 from transcoder.limits import check_picture
 from transcoder.probe import Probe, Unplayable, probe
 from vodcore.config import Settings
-from vodcore.db.engine import create_schema, make_engine
 from vodcore.ffmpeg import ffmpeg_exe
 from vodcore.store import ObjectStore
-from vodcore.store.factory import close_store, make_store
 
 FFMPEG = ffmpeg_exe()
 SEED = 11
@@ -128,22 +125,6 @@ async def test_the_probe_answers_every_mutant(
 @pytest.fixture
 def settings(tmp_path: Path, backend: Backend) -> Settings:
     return backend.settings(tmp_path / "data", segment_seconds=2.0, quality_report=False)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    eng = make_engine(settings.db_url)
-    await create_schema(eng)
-    yield eng
-    await eng.dispose()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[ObjectStore]:
-    st = make_store(settings)
-    yield st
-    await close_store(st)
 
 
 async def test_the_pipeline_ends_every_mutant_ready_or_failed(

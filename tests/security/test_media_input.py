@@ -24,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,11 +38,9 @@ from transcoder.probe import Unplayable, probe
 from transcoder.sandbox import Sandbox, resolve
 from transcoder.stages import source_path
 from vodcore.config import Settings
-from vodcore.db.engine import create_schema, make_engine
 from vodcore.ffmpeg import ffmpeg_exe
 from vodcore.layout import source_key
 from vodcore.store import ObjectStore
-from vodcore.store.factory import close_store, make_store
 from vodcore.store.fs import FilesystemStore
 
 FFMPEG = ffmpeg_exe()
@@ -116,22 +114,6 @@ def readable(reason: str) -> bool:
 @pytest.fixture
 def settings(tmp_path: Path, backend: Backend) -> Settings:
     return backend.settings(tmp_path / "data", segment_seconds=2.0, quality_report=False)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    eng = make_engine(settings.db_url)
-    await create_schema(eng)
-    yield eng
-    await eng.dispose()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[ObjectStore]:
-    st = make_store(settings)
-    yield st
-    await close_store(st)
 
 
 async def _bytes(store: ObjectStore, key: str) -> bytes:
