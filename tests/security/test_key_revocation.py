@@ -20,14 +20,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import select
 
 from control.app import make_app
-from control.auth import create_key, hash_key
+from control.auth import hash_key
 from tests.backends import Backend
+from tests.security.seed import new_key, quiet_settings
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.schema import api_keys
 from vodcore.server import start_server
 
 pytestmark = pytest.mark.timeout(90)
@@ -52,20 +51,13 @@ class Keys:
 
 @pytest.fixture
 async def keys(tmp_path: Path, backend: Backend) -> AsyncIterator[Keys]:
-    settings = backend.settings(
-        tmp_path / "data", rate_limit_ip_per_second=0, rate_limit_key_per_second=0
-    )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = quiet_settings(backend, tmp_path)
     db = make_engine(settings.db_url)
     await create_schema(db)
     async with db.begin() as conn:
-        made = [await create_key(conn, role, 0.0) for role in ("creator", "creator", "operator")]
-        ids = {
-            k: (
-                await conn.execute(select(api_keys.c.id).where(api_keys.c.key_hash == hash_key(k)))
-            ).scalar_one()
-            for k in made
-        }
+        pairs = [await new_key(conn, role) for role in ("creator", "creator", "operator")]
+        made = [key for key, _id in pairs]
+        ids = dict(pairs)
     await db.dispose()
     runners = [
         await start_server(make_app(settings), "127.0.0.1", 0, access_log=False) for _ in range(2)

@@ -22,18 +22,18 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import select
 
 from control.app import make_app
-from control.auth import create_key, hash_key
+from control.auth import create_key
 from control.visibility import restricts
 from edge.app import make_app as edge_app
 from origin.app import GUARD_KEY
 from origin.app import make_app as origin_app
 from tests.backends import Backend
+from tests.security.seed import add_videos, new_key, quiet_settings
 from vodcore.config import Settings
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.schema import api_keys, videos
+from vodcore.db.schema import videos
 from vodcore.server import start_server
 from vodcore.store.factory import close_store, make_store
 
@@ -69,32 +69,23 @@ class Tenants:
 
 @pytest.fixture
 async def tenants(tmp_path: Path, backend: Backend) -> AsyncIterator[Tenants]:
-    settings = backend.settings(
-        tmp_path / "data", rate_limit_ip_per_second=0, rate_limit_key_per_second=0
-    )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = quiet_settings(backend, tmp_path)
     db = make_engine(settings.db_url)
     await create_schema(db)
     async with db.begin() as conn:
-        owner = await create_key(conn, "creator", 0.0)
-        stranger = await create_key(conn, "creator", 0.0)
-        operator = await create_key(conn, "operator", 0.0)
-        owner_id = (
-            await conn.execute(select(api_keys.c.id).where(api_keys.c.key_hash == hash_key(owner)))
-        ).scalar_one()
-        for vid, visibility, state in (
-            (PRIVATE, "private", "READY"),
-            (UNLISTED, "unlisted", "READY"),
-            (PUBLIC, "public", "READY"),
-            (UPLOADING, "private", "UPLOADING"),
-        ):
-            await conn.execute(
-                videos.insert().values(
-                    id=vid, owner_key_id=owner_id, title="t", description="",
-                    visibility=visibility, state=state, current_version=1,
-                    created_at=0.0, updated_at=0.0,
-                )
-            )  # fmt: skip
+        owner, owner_id = await new_key(conn, "creator")
+        stranger, _ = await new_key(conn, "creator")
+        operator, _ = await new_key(conn, "operator")
+        await add_videos(
+            conn,
+            owner_id,
+            [
+                (PRIVATE, "private", "READY"),
+                (UNLISTED, "unlisted", "READY"),
+                (PUBLIC, "public", "READY"),
+                (UPLOADING, "private", "UPLOADING"),
+            ],
+        )
     await db.dispose()
     runner = await start_server(make_app(settings), "127.0.0.1", 0, access_log=False)
     async with aiohttp.ClientSession() as http:

@@ -24,11 +24,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control.app import make_app
-from control.auth import create_key, hash_key
 from control.engagement import ENGAGEMENT_KEY, Engagement, counters
 from control.playback_sessions import (
     SESSION_ID_CHARS,
@@ -37,8 +35,8 @@ from control.playback_sessions import (
     SessionSigner,
 )
 from tests.backends import Backend
+from tests.security.seed import add_videos, new_key, quiet_settings
 from vodcore.db.engine import create_schema, make_engine
-from vodcore.db.schema import api_keys, videos
 from vodcore.server import start_server
 
 pytestmark = pytest.mark.timeout(90)
@@ -96,29 +94,20 @@ class Stack:
 
 @pytest.fixture
 async def stack(tmp_path: Path, backend: Backend) -> AsyncIterator[Stack]:
-    settings = backend.settings(
-        tmp_path / "data", rate_limit_ip_per_second=0, rate_limit_key_per_second=0
-    )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = quiet_settings(backend, tmp_path)
     engine = make_engine(settings.db_url)
     await create_schema(engine)
     async with engine.begin() as conn:
-        owner = await create_key(conn, "creator", 0.0)
-        owner_id = (
-            await conn.execute(select(api_keys.c.id).where(api_keys.c.key_hash == hash_key(owner)))
-        ).scalar_one()
-        for vid, visibility, state in (
-            (PUBLIC, "public", "READY"),
-            (OTHER, "public", "READY"),
-            (PRIVATE_UPLOADING, "private", "UPLOADING"),
-        ):
-            await conn.execute(
-                videos.insert().values(
-                    id=vid, owner_key_id=owner_id, title="t", description="",
-                    visibility=visibility, state=state, current_version=1,
-                    created_at=0.0, updated_at=0.0,
-                )
-            )  # fmt: skip
+        owner, owner_id = await new_key(conn, "creator")
+        await add_videos(
+            conn,
+            owner_id,
+            [
+                (PUBLIC, "public", "READY"),
+                (OTHER, "public", "READY"),
+                (PRIVATE_UPLOADING, "private", "UPLOADING"),
+            ],
+        )
     app = make_app(settings)
     runner = await start_server(app, "127.0.0.1", 0, access_log=False)
     async with aiohttp.ClientSession() as http:
