@@ -54,7 +54,7 @@ from vodcore.db.videos import append_event, get_video
 from vodcore.errors import NOT_FOUND, VALIDATION, VIDEO_STATE, ApiError
 from vodcore.layout import media_prefix, restricted_key, restricted_prefix, unrestricted_key
 from vodcore.lifecycle import Event, IllegalTransition, State, next_state
-from vodcore.purge import Purge
+from vodcore.purge import RESTRICT, Purge
 from vodcore.store import ObjectNotFound, ObjectStore
 
 # what `?refusals=1` on /v1/cutoffs says of a taken-down video (origin.takedowns.Refusal)
@@ -90,17 +90,13 @@ async def restrict_tokens(
     purges: Purges, conn: AsyncConnection, vid: str, actor: str, now: float
 ) -> list[Purge]:
     """Void the video's tokens issued before `now` at every edge and drop its cached objects,
-    for a video that stays playable (its owner gets new tokens): `set_cutoff`, then a `block`
-    entry with the cutoff immediately followed by an `unblock` entry on the purge log, in the
-    caller's transaction (hold `purges._write`; call `purges.published` on each after the
-    commit). The log has no entry kind for "cutoff only" yet: edges take a cutoff from
-    `block`/`delete` entries alone (`edge.app.track_cutoffs`), and the `unblock` that follows
-    at once (next seq, same transaction) lifts the origin's refusal the block implies, so the
-    origin refuses the video only between applying the two, and caches keep nothing of it."""
+    for a video that stays playable (its owner gets new tokens): `set_cutoff`, then one
+    `restrict` entry with the cutoff on the purge log (`vodcore.purge`: edges take the cutoff
+    and caches drop the objects as for a block, but nothing refuses the video), in the
+    caller's transaction (hold `purges._write`; call `purges.published` after the commit)."""
     await set_cutoff(conn, vid, now)
-    cut = await purges.append(conn, "video", (vid,), False, actor, now, action="block", cutoff=now)
-    lift = await purges.append(conn, "video", (vid,), False, actor, now, action="unblock")
-    return [cut, lift]
+    cut = await purges.append(conn, "video", (vid,), False, actor, now, action=RESTRICT, cutoff=now)
+    return [cut]
 
 
 class Moderation:

@@ -43,7 +43,7 @@ from vodcore.cache.purgefeed import follow_purges, node_headers
 from vodcore.config import Settings
 from vodcore.errors import BAD_PATH, BAD_TOKEN, BLOCKED, GONE, ApiError
 from vodcore.fastpath import FastPath
-from vodcore.purge import TAKEDOWNS, Purge
+from vodcore.purge import CUTOFFS, Purge
 from vodcore.server import FAST_PATH_KEY, base_app, media_segments
 from vodcore.tokens import TokenError, verify
 
@@ -162,7 +162,7 @@ def track_cutoffs(
             engine.spawn(ring.refresh(engine.session))
         if takedowns is not None:
             takedowns.apply(p)  # why a cutoff is there: 451 or 410 for old tokens
-        if p.action in TAKEDOWNS and p.cutoff is not None:  # block, delete
+        if p.action in CUTOFFS and p.cutoff is not None:  # block, delete, restrict
             for vid in p.targets:
                 cutoffs[vid] = max(cutoffs.get(vid, 0.0), p.cutoff)
                 verified.forget_video(vid)

@@ -17,6 +17,10 @@ Actions (what else a log entry means, besides the objects it covers):
 - `unblock` and `restore` (kind `video`, no cutoff): the takedown is lifted; caches drop nothing
   (`drops_objects` is False, `covers` is always False) and tokens issued before the cutoff stay
   void. The origin, which follows the log too, stops refusing the videos' objects;
+- `restrict` (kind `video`, a `cutoff` required; issue 11): the video was made private or
+  unlisted. Like a takedown, its objects are dropped and its tokens issued before `cutoff` are
+  void at every edge; unlike one, nothing refuses the video (the origin ignores the entry), so
+  whoever may still see it plays it with a new token;
 - `keys` (kind `none`): the signing key set changed, edges refetch it.
 An action this code does not know is malformed (`from_json` raises), so a node too old for a
 log makes it resynchronise rather than skip a takedown: upgrade nodes before control.
@@ -32,8 +36,10 @@ from vodcore.errors import VALIDATION, ApiError
 
 KINDS = ("video", "keys", "prefix", "all", "none")  # none: a log entry that purges nothing
 TAKEDOWNS = ("block", "delete")  # void older tokens (cutoff), drop the objects
+RESTRICT = "restrict"  # a video made private/unlisted: the same, but nothing is refused
+CUTOFFS = (*TAKEDOWNS, RESTRICT)  # the entries that carry a token cutoff
 LIFTS = ("unblock", "restore")  # lift a takedown: nothing dropped, no cutoff
-ACTIONS = ("purge", "keys", *TAKEDOWNS, *LIFTS)
+ACTIONS = ("purge", "keys", *CUTOFFS, *LIFTS)
 _ID = re.compile(r"[A-Za-z0-9_~.-]{1,80}\Z")  # \Z: "$" would admit a trailing newline
 MAX_TARGETS = 100
 
@@ -45,7 +51,7 @@ class Purge:
     kind: str
     targets: tuple[str, ...]
     soft: bool = False
-    # "block"/"delete": also void the videos' tokens issued before `cutoff`; "unblock"/
+    # "block"/"delete"/"restrict": also void the videos' tokens issued before `cutoff`; "unblock"/
     # "restore": the takedown is lifted (nothing dropped); "keys": the signing key set changed
     # (rotation, revocation), edges refetch it
     action: str = "purge"
@@ -86,7 +92,7 @@ class Purge:
         action, cutoff = doc.get("action", "purge"), doc.get("cutoff")
         if (
             action not in ACTIONS
-            or (action in TAKEDOWNS and (kind != "video" or not _number(cutoff)))
+            or (action in CUTOFFS and (kind != "video" or not _number(cutoff)))
             or (action in LIFTS and (kind != "video" or cutoff is not None))
         ):
             raise ValueError("bad action or cutoff")

@@ -21,7 +21,8 @@ def doc(**kw: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "action,cutoff", [("block", 10.0), ("delete", 10), ("unblock", None), ("restore", None)]
+    "action,cutoff",
+    [("block", 10.0), ("delete", 10), ("unblock", None), ("restore", None), ("restrict", 10.0)],
 )
 def test_takedown_actions_round_trip(action: str, cutoff: float | None) -> None:
     p = entry(3, action, cutoff=cutoff)
@@ -36,6 +37,8 @@ def test_takedown_actions_round_trip(action: str, cutoff: float | None) -> None:
         doc(action="block", cutoff=1.0, kind="all", targets=[]),  # takedowns name videos
         doc(action="unblock", cutoff=1.0),  # lifting has no cutoff
         doc(action="restore", kind="prefix", targets=["/v/"]),
+        doc(action="restrict"),  # a restriction voids tokens: it needs its cutoff
+        doc(action="restrict", cutoff=1.0, kind="prefix", targets=["/v/"]),
         doc(action="undelete"),  # unknown: the node resynchronises instead of skipping it
     ],
 )
@@ -88,6 +91,18 @@ def test_lifts_without_a_takedown_and_other_entries_change_nothing() -> None:
     assert not t.apply(plain) and not t.apply(keys)
     assert not is_takedown_entry(plain) and is_takedown_entry(entry(5, "restore"))
     assert t.refusal("vid_a") == "deleted"
+
+
+def test_a_visibility_restriction_drops_objects_but_refuses_nothing() -> None:
+    """Issue 11: a video made private or unlisted stays playable for whoever may see it, so
+    its `restrict` entry voids older tokens and drops cached copies like a takedown, but the
+    origin never refuses the video for it, not even for a moment."""
+    p = entry(1, "restrict", cutoff=5.0)
+    assert p.drops_objects and covers(p, "/v/vid_a/1/seg.m4s", None)
+    t = replay(p)
+    assert t.refusal("vid_a") is None and not is_takedown_entry(p)
+    t = replay(entry(1, "block", cutoff=1), entry(2, "restrict", cutoff=2))  # stays blocked
+    assert t.refusal("vid_a") == "blocked"
 
 
 def test_restricted_layout() -> None:
