@@ -179,7 +179,7 @@ async def test_owner_edits_metadata_and_the_change_is_one_event(world: World) ->
     ]
     # public → unlisted restricts it: older tokens are cut off through the purge log (issue 11)
     purged = [p["action"] for k, p in logged if k == "purge.created"]
-    assert purged == ["block", "unblock"]
+    assert purged == ["restrict"]
 
 
 async def test_patch_needs_the_owner_or_an_operator(world: World) -> None:
