@@ -168,6 +168,7 @@ class TusEndpoint:
         tp.check_version(request.headers)
         principal = await authenticate(self.uploads.engine, request)
         s = await self.uploads.session(_session_id(request), time.time(), principal)
+        s = await self.uploads.after_writer(s)  # a dying PATCH commits first (uploads rule 3)
         headers = {
             "Upload-Offset": str(await self.uploads.settled_offset(s)),
             "Upload-Length": str(s.size_bytes),

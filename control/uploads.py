@@ -22,6 +22,11 @@ Rules:
    far are fsynced and the offset CAS-moved to them, so HEAD shows them while the body is
    still coming and nothing can take them back (a vanished client, a killed server): only
    the bytes since the last checkpoint are ever at stake.
+   HEAD first lets a PATCH in flight finish (at most `HEAD_WAIT` seconds): a client resuming
+   right after its connection broke asks before the server has seen the break, and the dying
+   PATCH then commits what it received, past the offset HEAD would have answered (a 409 for
+   the resume). A writer still busy after the wait (a stalled client) is answered with the
+   last checkpoint.
 4. As every commit is fsynced before its CAS, `.part` always holds at least the offset's bytes.
    Should it not (a disk that lost data), HEAD and completion move the offset back to what it
    holds, under the lock, so the client resumes from what is really stored.
@@ -109,6 +114,7 @@ from vodcore.store.s3 import S3Store
 log = logging.getLogger("vod.uploads")
 
 TRANSCODE = "transcode"
+HEAD_WAIT = 2.0  # seconds HEAD waits for a PATCH in flight to finish (rule 3)
 OPEN, COMPLETE = "open", "complete"
 
 
@@ -496,6 +502,18 @@ class Uploads:
         if s.is_open and s.expires_at <= now:
             raise ApiError(GONE, "the upload session expired")
         return s
+
+    async def after_writer(self, s: Session) -> Session:
+        """The session once a PATCH in flight on it has finished, waiting at most `HEAD_WAIT`
+        seconds (rule 3); past that, the session as it stands."""
+        if not s.is_open:
+            return s
+        try:
+            async with session_flock(self.dir, s.id, min(HEAD_WAIT, self.lock_wait)):
+                pass
+        except ApiError:
+            return s  # a stalled writer: its last checkpoint
+        return await self.session(s.id, time.time())
 
     async def settled_offset(self, s: Session) -> int:
         """The offset a client should resume from: the stored one, unless the stored bytes

@@ -534,6 +534,29 @@ def test_concurrent_patches_in_one_process(live: LiveControl) -> None:
     assert stored_source(live, vid) == a + rest
 
 
+def test_a_resume_head_waits_for_the_dying_patch(live: LiveControl) -> None:
+    """A client whose PATCH broke HEADs at once to resume, before the server has seen the break:
+    HEAD must answer after that PATCH has committed what it received, or the resume PATCH at
+    the offset answered is a 409 once the dying one commits (tuspy then gives up; this was a
+    flaky e2e). Here the dying PATCH's body is half sent and held; HEAD is asked, then the
+    body ends: HEAD's offset is everything the first PATCH delivered."""
+    url, vid = live.create(300_000)
+    a = os.urandom(150_000)
+    go = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(patch, url, live.auth(), 0, _slow_body(a[:100_000], a[100_000:], go))
+        time.sleep(0.3)  # the first PATCH holds the session, 100,000 bytes in
+        fh = pool.submit(requests.head, url, headers=live.auth(), timeout=10)
+        time.sleep(0.3)
+        go.set()  # the first PATCH ends (here whole; a broken one commits what arrived alike)
+        head = fh.result(30)
+        assert fa.result(30).status_code == 204
+    assert head.status_code == 200 and head.headers["Upload-Offset"] == "150000"
+    rest = os.urandom(150_000)
+    assert patch(url, live.auth(), 150_000, rest).status_code == 204
+    assert stored_source(live, vid) == a + rest
+
+
 def test_concurrent_patches_in_two_processes(tmp_path: Path, backend: Backend) -> None:
     """Two app instances (two processes' worth of state: engines, locks) on one database and
     uploads directory: the first PATCH holds the session's file lock while its body arrives,
