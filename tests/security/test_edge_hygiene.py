@@ -31,9 +31,10 @@ from edge.app import FAST_MEMO_KEY, TOKENS_KEY
 from edge.app import make_app as make_edge
 from origin.app import make_app as make_origin
 from shield.app import make_app as make_shield
+from tests.security.seed import jwks_only_control, serve
 from vodcore.config import Settings
 from vodcore.fastpath import FastPath
-from vodcore.server import FAST_PATH_KEY, start_server
+from vodcore.server import FAST_PATH_KEY
 from vodcore.store.factory import close_store, make_store
 from vodcore.tokens import SigningKeys
 
@@ -73,12 +74,6 @@ def _recorder(stack: Stack, tier: str) -> Callable[..., Awaitable[web.StreamResp
     return record
 
 
-async def _serve(app: web.Application, runners: list[web.AppRunner]) -> str:
-    runner = await start_server(app, "127.0.0.1", 0, access_log=False)
-    runners.append(runner)
-    return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     settings = Settings(data_dir=tmp_path, upstream_timeout_seconds=5.0)
@@ -90,19 +85,14 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     st = Stack("", web.Application(), keys, session)
     origin = make_origin(settings)
     origin.middlewares.append(_recorder(st, "origin"))
-    origin_url = await _serve(origin, runners)
+    origin_url = await serve(origin, runners)
 
-    async def jwks(_request: web.Request) -> web.Response:
-        return web.json_response(keys.jwks())
-
-    control = web.Application()
-    control.router.add_get("/v1/keys/jwks.json", jwks)
-    control_url = await _serve(control, runners)
+    control_url = await serve(jwks_only_control(keys), runners)
     shield = make_shield(settings, [origin_url])
     shield.middlewares.append(_recorder(st, "shield"))
-    shield_url = await _serve(shield, runners)
+    shield_url = await serve(shield, runners)
     st.edge_app = make_edge(settings, [shield_url], control_url=control_url)
-    st.edge = await _serve(st.edge_app, runners)
+    st.edge = await serve(st.edge_app, runners)
     try:
         yield st
     finally:
@@ -172,10 +162,10 @@ async def test_proxy_mode_keeps_rfc9111_for_credentials(tmp_path: Path) -> None:
 
     up = web.Application()
     up.router.add_get("/o", obj)
-    up_url = await _serve(up, runners)
+    up_url = await serve(up, runners)
     edge = make_edge(Settings(data_dir=tmp_path, upstream_timeout_seconds=5.0), [up_url],
                      tokens=False)  # fmt: skip
-    url = await _serve(edge, runners)
+    url = await serve(edge, runners)
     try:
         async with aiohttp.ClientSession() as s:
             for _ in range(3):

@@ -26,9 +26,10 @@ from edge.app import make_app as make_edge
 from origin.app import make_app as make_origin
 from shield.app import make_app as make_shield
 from tests.procs import wait_http
+from tests.security.seed import jwks_only_control, serve
 from vodcore.config import Settings
 from vodcore.fastpath import FastPath
-from vodcore.server import FAST_PATH_KEY, start_server
+from vodcore.server import FAST_PATH_KEY
 from vodcore.store.factory import close_store, make_store
 from vodcore.tierauth import HEADER, WINDOW_SECONDS, TierAuth
 from vodcore.tokens import SigningKeys
@@ -95,12 +96,6 @@ class Stack:
         return f"{self.edge}/v/{VID}/{self.keys.mint(VID, int(time.time()), 600)}/{SEG}"
 
 
-async def _serve(app: web.Application, runners: list[web.AppRunner]) -> str:
-    runner = await start_server(app, "127.0.0.1", 0, access_log=False)
-    runners.append(runner)
-    return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     settings = Settings(data_dir=tmp_path, upstream_timeout_seconds=5.0, tier_secret=SECRET)
@@ -108,17 +103,12 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     await store.put_bytes(f"media/{VID}/{SEG}", BODY)
     keys = SigningKeys(tmp_path / "keys").load_or_create()
     runners: list[web.AppRunner] = []
-    origin = await _serve(make_origin(settings), runners)
+    origin = await serve(make_origin(settings), runners)
 
-    async def jwks(_request: web.Request) -> web.Response:
-        return web.json_response(keys.jwks())
-
-    control = web.Application()
-    control.router.add_get("/v1/keys/jwks.json", jwks)
-    control_url = await _serve(control, runners)
+    control_url = await serve(jwks_only_control(keys), runners)
     shield_app = make_shield(settings, [origin])
-    shield = await _serve(shield_app, runners)
-    edge = await _serve(make_edge(settings, [shield], control_url=control_url), runners)
+    shield = await serve(shield_app, runners)
+    edge = await serve(make_edge(settings, [shield], control_url=control_url), runners)
     session = aiohttp.ClientSession()
     try:
         yield Stack(edge, shield, origin, shield_app, keys, session)
